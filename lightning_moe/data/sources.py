@@ -1,0 +1,102 @@
+"""Token sources: where the training and validation token streams come from.
+
+Each source returns ``(train, val)`` as 1-D numpy arrays of token ids. Text is tokenized as raw UTF-8 bytes
+(vocabulary 256), so nothing needs to be downloaded.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import hashlib
+import os
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+
+from lightning_moe.errors import ConfigError
+
+BYTE_VOCAB_SIZE = 256
+
+
+def encode_bytes(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+
+
+def decode_bytes(tokens) -> str:
+    return bytes(int(t) for t in tokens).decode("utf-8", errors="replace")
+
+
+def _is_val_file(path: str, val_fraction: float) -> bool:
+    """Deterministic file-level split: a file is in validation if its path hashes below the fraction."""
+    digest = hashlib.sha256(path.encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64 < val_fraction
+
+
+def _read_files(files: list[tuple[str, Path]], max_bytes: int | None,
+                val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """files: (stable key, path) pairs, read in key order. Files are separated by a NUL byte."""
+    train, val, total = [], [], 0
+    for key, path in sorted(files):
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        if not data:
+            continue
+        (val if _is_val_file(key, val_fraction) else train).append(data + b"\0")
+        total += len(data) + 1
+        if max_bytes is not None and total >= max_bytes:
+            break
+    if not train or not val:
+        raise ConfigError(
+            f"data: found {len(train)} training and {len(val)} validation files; need at least one of each "
+            "(add files, or change data.val_fraction)"
+        )
+    return (np.frombuffer(b"".join(train), dtype=np.uint8), np.frombuffer(b"".join(val), dtype=np.uint8))
+
+
+def stdlib_source(max_bytes: int | None = 16_000_000, val_fraction: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """The embedded default: the Python standard library's own ``.py`` sources, present wherever Python is.
+
+    Files are keyed by their path relative to the stdlib root, so the split is the same on every machine with the
+    same Python version. Test suites and site-packages are excluded.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith(("site-packages/", "dist-packages/", "test/", "idlelib/idle_test/")) or "/tests/" in rel:
+            continue
+        files.append((rel, path))
+    if not files:
+        raise FileNotFoundError(f"data=stdlib: no .py files under the standard library at {root}")
+    return _read_files(files, max_bytes, val_fraction)
+
+
+def text_files_source(pattern: str, max_bytes: int | None = None,
+                      val_fraction: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """UTF-8 text files matching a glob (``data.pattern='corpus/**/*.txt'``), split file by file."""
+    paths = [p for p in globlib.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)]
+    if not paths:
+        raise FileNotFoundError(f"data.pattern={pattern!r} matches no files")
+    return _read_files([(os.path.abspath(p), Path(p)) for p in paths], max_bytes, val_fraction)
+
+
+def tokens_source(path: str, dtype: str = "uint16", val_path: str | None = None,
+                  val_fraction: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """Pre-tokenized ids in a flat binary file read through ``np.memmap`` (nanoGPT's ``train.bin`` format).
+
+    Without ``val_path`` the last ``val_fraction`` of the stream is held out.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data.path={path!r} does not exist")
+    train = np.memmap(path, dtype=np.dtype(dtype), mode="r")
+    if val_path is not None:
+        if not os.path.isfile(val_path):
+            raise FileNotFoundError(f"data.val_path={val_path!r} does not exist")
+        return train, np.memmap(val_path, dtype=np.dtype(dtype), mode="r")
+    split = int(len(train) * (1 - val_fraction))
+    if split <= 0 or split >= len(train):
+        raise ConfigError(f"data.path={path!r}: {len(train)} tokens cannot be split with val_fraction={val_fraction}")
+    return train[:split], train[split:]

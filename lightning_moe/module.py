@@ -1,0 +1,102 @@
+"""The LightningModule: next-token language modelling with an MoE transformer.
+
+Batches are token windows ``[B, S + 1]``. The model is built in ``configure_model`` so that strategies can create it
+on the meta device and shard it before materialising.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+
+from lightning_moe.models.config import ModelConfig
+from lightning_moe.models.transformer import MoETransformer
+from lightning_moe.moe.balance import collect_expert_load, imbalance, moe_layers, update_expert_biases
+from lightning_moe.optim import OptimizerConfig, build_optimizer
+
+
+class MoELanguageModel(pl.LightningModule):
+    """Args:
+        model: the architecture (``ModelConfig`` or a dict of its fields).
+        optimizer: AdamW + schedule settings (``OptimizerConfig`` or a dict).
+    """
+
+    def __init__(self, model: ModelConfig | dict[str, Any] | None = None,
+                 optimizer: OptimizerConfig | dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.model_cfg = model if isinstance(model, ModelConfig) else ModelConfig.from_dict(dict(model or {}))
+        self.optim_cfg = optimizer if isinstance(optimizer, OptimizerConfig) else OptimizerConfig(**(optimizer or {}))
+        # Plain dicts only, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters({"model": self.model_cfg.to_dict(), "optimizer": dataclasses.asdict(self.optim_cfg)})
+        self.model: MoETransformer | None = None
+        # Process group over which expert loads are summed; set by MoEStrategy (None: all ranks).
+        self.expert_load_group = None
+        self._checked_vocab = False
+
+    # --- model ---
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = MoETransformer(self.model_cfg)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens)
+
+    def lm_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    def _check_batch(self, batch: torch.Tensor) -> None:
+        if self._checked_vocab:
+            return
+        if batch.ndim != 2 or batch.shape[1] < 2:
+            raise ValueError(f"expected token batches of shape [batch, seq_len + 1], got {tuple(batch.shape)}")
+        top = int(batch.max())
+        if top >= self.model_cfg.vocab_size:
+            raise ValueError(f"data has token id {top} but model.vocab_size={self.model_cfg.vocab_size}")
+        self._checked_vocab = True
+
+    # --- steps ---
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        self._check_batch(batch)
+        scale = 1.0 / self.trainer.accumulate_grad_batches if self._trainer is not None else 1.0
+        for _, moe in moe_layers(self.model):
+            moe.aux_loss_scale = scale
+        logits = self.model(batch[:, :-1])
+        loss = self.lm_loss(logits, batch[:, 1:])
+        self.log("train/loss", loss, prog_bar=True)
+        self._log_aux_losses()
+        if self._trainer is not None and self.trainer.optimizers:
+            self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
+        return loss
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = self.lm_loss(self.model(batch[:, :-1]), batch[:, 1:])
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        return loss
+
+    def _log_aux_losses(self) -> None:
+        totals: dict[str, torch.Tensor] = {}
+        for _, moe in moe_layers(self.model):
+            for name, value in moe.last_losses.items():
+                totals[name] = totals.get(name, 0) + value
+        for name, value in totals.items():
+            self.log(f"train/{name}", value)
+
+    # --- expert balancing, once per optimizer step ---
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        load, dropped = collect_expert_load(self.model, self.expert_load_group)
+        if load.numel():
+            self.log("moe/imbalance", imbalance(load).mean(), prog_bar=True)
+            if self.model_cfg.capacity_factor is not None:
+                self.log("moe/dropped_tokens", dropped.sum())
+            update_expert_biases(self.model, load)
+
+    # --- optimizer ---
+    def configure_optimizers(self):
+        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
+        opt, sched = build_optimizer(self.model, self.optim_cfg, total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

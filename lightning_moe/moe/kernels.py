@@ -1,0 +1,88 @@
+"""Routed-expert kernels: SwiGLU over tokens already grouped by expert.
+
+Every kernel has one signature::
+
+    kernel(x: [N, D], counts: [E] int, w13: [E, D, 2H], w2: [E, H, D]) -> [N, D]
+
+where the rows of ``x`` are sorted by expert (``counts[e]`` rows for expert ``e``, in order, ``sum(counts) == N``)
+and ``w13`` holds the gate and up projections side by side. ``loop`` is the readable reference the tests compare
+against; ``grouped_mm`` (default) runs all experts in one ``torch.nn.functional.grouped_mm`` per projection;
+``megablocks`` uses the grouped GEMM of the optional ``megablocks`` package (GPU only).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+ExpertKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _swiglu(h13: torch.Tensor) -> torch.Tensor:
+    gate, up = h13.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def loop_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """Reference: one matmul pair per expert, in a Python loop."""
+    w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
+    outs, start = [], 0
+    for e, n in enumerate(counts.tolist()):
+        rows = x[start:start + n]
+        outs.append(_swiglu(rows @ w13[e]) @ w2[e])
+        start += n
+    if not outs:
+        return x.new_zeros(0, w2.shape[-1])
+    return torch.cat(outs)
+
+
+def grouped_mm_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """All experts in two ``grouped_mm`` calls (one for gate+up, one for down)."""
+    offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
+    h = _swiglu(F.grouped_mm(x, w13, offs=offs))
+    return F.grouped_mm(h, w2, offs=offs)
+
+
+_MEGABLOCKS_HELP = (
+    "model.expert_kernel=megablocks needs the optional `megablocks` package with its grouped GEMM (CUDA only): "
+    "pip install --no-deps megablocks==0.10.0 grouped_gemm  (in a CUDA environment whose torch they were built for). "
+    "Use model.expert_kernel=grouped_mm otherwise."
+)
+
+
+def _megablocks_gmm() -> Callable[..., torch.Tensor]:
+    try:
+        from megablocks import grouped_gemm_util as gg  # noqa: PLC0415 - optional extra, imported on use
+    except Exception as err:  # ImportError, or its CUDA extension failing to load
+        raise ImportError(f"{_MEGABLOCKS_HELP} (import failed: {err})") from err
+    if not gg.grouped_gemm_is_available():
+        raise ImportError(f"{_MEGABLOCKS_HELP} (megablocks imported but `grouped_gemm` is missing)")
+    return gg.ops.gmm
+
+
+def megablocks_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """MegaBlocks' dropless grouped GEMM (``grouped_gemm.ops.gmm``); batch sizes must live on the CPU."""
+    gmm = _megablocks_gmm()
+    batch_sizes = counts.to("cpu", torch.int64)
+    w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
+    h = _swiglu(gmm(x, w13, batch_sizes))
+    return gmm(h, w2, batch_sizes)
+
+
+KERNELS: dict[str, ExpertKernel] = {
+    "loop": loop_experts,
+    "grouped_mm": grouped_mm_experts,
+    "megablocks": megablocks_experts,
+}
+
+
+def get_kernel(name: str) -> ExpertKernel:
+    """The kernel for ``model.expert_kernel``; checks optional dependencies now rather than mid-training."""
+    if name not in KERNELS:
+        raise ValueError(f"model.expert_kernel={name!r}: must be one of {', '.join(KERNELS)}")
+    if name == "megablocks":
+        _megablocks_gmm()
+    return KERNELS[name]

@@ -1,0 +1,48 @@
+import torch
+
+from lightning_moe.moe.permute import combine, expert_capacity, permute
+
+
+def test_dropless_conserves_every_token(seed):
+    t, k, e = 37, 3, 5
+    idx = torch.stack([torch.randperm(e)[:k] for _ in range(t)])
+    perm = permute(idx, e)
+    assert perm.dropless and int(perm.counts.sum()) == t * k
+    # every (token, k) slot appears exactly once, grouped by expert in ascending order
+    assert sorted(perm.slot_order.tolist()) == list(range(t * k))
+    experts_in_order = idx.flatten()[perm.slot_order]
+    assert torch.all(experts_in_order[1:] >= experts_in_order[:-1])
+    assert torch.equal(torch.bincount(perm.token_index, minlength=t), torch.full((t,), k))
+
+
+def test_combine_is_the_weighted_sum(seed):
+    t, k, e, d = 11, 2, 4, 6
+    idx = torch.stack([torch.randperm(e)[:k] for _ in range(t)])
+    w = torch.rand(t, k)
+    perm = permute(idx, e)
+    per_expert = torch.randn(e, d)
+    routed = per_expert[idx.flatten()[perm.slot_order]]  # expert e outputs per_expert[e] for any token
+    out = combine(routed, perm, w)
+    expected = (w.unsqueeze(-1) * per_expert[idx]).sum(1)
+    torch.testing.assert_close(out, expected)
+
+
+def test_capacity_drops_exactly_the_overflow(seed):
+    t, k, e = 40, 2, 4
+    # skewed routing: expert 0 is popular
+    idx = torch.stack([torch.cat([torch.tensor([0]), torch.randperm(e - 1)[:k - 1] + 1]) for _ in range(t)])
+    cap = expert_capacity(t, k, e, 1.0)
+    assert cap == 20
+    perm = permute(idx, e, cap)
+    full = torch.bincount(idx.flatten(), minlength=e)
+    assert torch.equal(perm.counts, full.clamp(max=cap))
+    assert int(perm.dropped) == int((full - cap).clamp(min=0).sum()) == 20
+    # the first `cap` tokens (in token order) of an overflowing expert are kept
+    kept_tokens_e0 = perm.token_index[idx.flatten()[perm.slot_order] == 0]
+    assert torch.equal(kept_tokens_e0, torch.arange(cap))
+    # dropped slots contribute nothing to the combine
+    d = 3
+    routed = torch.ones(perm.token_index.numel(), d)
+    out = combine(routed, perm, torch.ones(t, k))
+    assert torch.equal(out[:cap, 0], torch.full((cap,), 2.0))
+    assert torch.equal(out[cap:, 0], torch.full((t - cap,), 1.0))

@@ -1,0 +1,128 @@
+import math
+
+import pytest
+import torch
+
+from lightning_moe.moe.router import TopKRouter
+
+
+def _router(dim=2, experts=2, k=1, **kw):
+    r = TopKRouter(dim, experts, k, **kw)
+    return r
+
+
+def _fixed_logits_router(logits_row, **kw):
+    """A router whose logits are `logits_row` for the input x = [1, 0, ...]."""
+    e = len(logits_row)
+    r = _router(dim=2, experts=e, **kw)
+    with torch.no_grad():
+        r.gate.weight.zero_()
+        r.gate.weight[:, 0] = torch.tensor(logits_row)
+    return r
+
+
+def test_losses_match_hand_computed_values():
+    # Both tokens: logits [0, ln 3] -> softmax [0.25, 0.75]; top-1 picks expert 1 for both.
+    r = _fixed_logits_router([0.0, math.log(3)], aux_loss_coef=1.0, seq_aux_loss_coef=1.0, z_loss_coef=1.0)
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    out = r(x, seq_len=2)
+    assert out.expert_indices.flatten().tolist() == [1, 1]
+    # aux = E * sum f_i P_i = 2 * (0 * 0.25 + 1 * 0.75) = 1.5
+    assert out.losses["aux_loss"].item() == pytest.approx(1.5, abs=1e-6)
+    # seq-wise, one sequence of 2: f = E/(K*S) * counts = [0, 2], P = [0.25, 0.75] -> 1.5
+    assert out.losses["seq_aux_loss"].item() == pytest.approx(1.5, abs=1e-6)
+    # z = logsumexp([0, ln 3])^2 = (ln 4)^2
+    assert out.losses["z_loss"].item() == pytest.approx(math.log(4) ** 2, abs=1e-6)
+    assert out.aux_loss.item() == pytest.approx(3.0 + math.log(4) ** 2, abs=1e-5)
+
+
+def test_sequence_loss_differs_from_batch_loss():
+    # Two sequences of one token each, routed to different experts: balanced over the batch, not per sequence.
+    r = TopKRouter(2, 2, 1, aux_loss_coef=1.0, seq_aux_loss_coef=1.0)
+    with torch.no_grad():
+        r.gate.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]) * math.log(3))
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # token 0 -> softmax [.75, .25], token 1 -> [.25, .75]
+    out = r(x, seq_len=1)
+    assert out.losses["aux_loss"].item() == pytest.approx(2 * (0.5 * 0.5 + 0.5 * 0.5), abs=1e-6)  # 1.0
+    # per sequence: f = 2/(1*1) * one-hot, P = own probs -> 2 * 0.75 = 1.5 each
+    assert out.losses["seq_aux_loss"].item() == pytest.approx(1.5, abs=1e-6)
+
+
+def test_sigmoid_scores_and_scaling():
+    r = _fixed_logits_router([0.0, 1.0, -1.0, 2.0], score_func="sigmoid", route_norm=True, route_scale=2.5)
+    r.top_k = 2
+    out = r(torch.tensor([[1.0, 0.0]]), seq_len=1)
+    assert sorted(out.expert_indices[0].tolist()) == [1, 3]
+    s = torch.sigmoid(torch.tensor([1.0, 2.0]))
+    expected = 2.5 * s / s.sum()
+    got = out.weights[0][out.expert_indices[0].argsort()]
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_group_limited_routing_stays_in_chosen_groups(seed, score_func):
+    e, g, tg, k, t = 16, 4, 2, 4, 200
+    r = TopKRouter(8, e, k, score_func=score_func, n_group=g, topk_group=tg, bias_update_speed=0.1)
+    with torch.no_grad():
+        r.expert_bias.copy_(torch.randn(e) * 0.1)
+    x = torch.randn(t, 8)
+    out = r(x, seq_len=t)
+    logits = x @ r.gate.weight.T
+    scores = logits.softmax(-1) if score_func == "softmax" else logits.sigmoid()
+    choice = (scores + r.expert_bias).view(t, g, e // g)
+    group_score = choice.topk(2, -1).values.sum(-1) if score_func == "sigmoid" else choice.amax(-1)
+    allowed_groups = group_score.topk(tg, -1).indices  # [T, tg]
+    chosen_groups = out.expert_indices // (e // g)
+    for tok in range(t):
+        assert set(chosen_groups[tok].tolist()) <= set(allowed_groups[tok].tolist())
+    # and within the allowed groups, the best-scoring experts are taken
+    masked = torch.full((t, e), float("-inf"))
+    for tok in range(t):
+        for grp in allowed_groups[tok].tolist():
+            sl = slice(grp * (e // g), (grp + 1) * (e // g))
+            masked[tok, sl] = (scores + r.expert_bias)[tok, sl]
+    assert torch.equal(out.expert_indices.sort(-1).values, masked.topk(k, -1).indices.sort(-1).values)
+
+
+def test_bias_changes_selection_not_gate_weights(seed):
+    e, k, t = 8, 2, 64
+    r = TopKRouter(16, e, k, score_func="sigmoid", bias_update_speed=0.01)
+    x = torch.randn(t, 16)
+    before = r(x, seq_len=t)
+    with torch.no_grad():
+        r.expert_bias[3] = 10.0  # expert 3 now always wins selection
+    after = r(x, seq_len=t)
+    assert (after.expert_indices == 3).any(-1).all()
+    assert not torch.equal(before.expert_indices, after.expert_indices)
+    # gate weights come from the unbiased scores of the chosen experts
+    scores = torch.sigmoid(x @ r.gate.weight.T)
+    expected = scores.gather(1, after.expert_indices)
+    expected = expected / expected.sum(-1, keepdim=True)
+    torch.testing.assert_close(after.weights, expected)
+    # no gradient reaches the bias
+    after.weights.sum().backward()
+    assert not r.expert_bias.requires_grad and r.gate.weight.grad is not None
+
+
+def test_bias_update_balances_and_is_checkpointed(seed):
+    r = TopKRouter(4, 4, 1, bias_update_speed=0.5)
+    r.train()
+    load = torch.tensor([10.0, 0.0, 5.0, 5.0])
+    r.update_bias(load)
+    assert r.expert_bias.tolist() == [-0.5, 0.5, 0.0, 0.0]
+    state = r.state_dict()
+    assert "expert_bias" in state and "tokens_per_expert" not in state
+    # the accumulated counts come from training forwards only, and the update resets them
+    r(torch.randn(10, 4), seq_len=10)
+    assert r.tokens_per_expert.sum() == 10
+    r.eval()
+    r(torch.randn(10, 4), seq_len=10)
+    assert r.tokens_per_expert.sum() == 10
+    r.update_bias()
+    assert r.tokens_per_expert.sum() == 0
+
+
+def test_bias_off_keeps_bias_zero():
+    r = TopKRouter(4, 4, 1, bias_update_speed=0.0)
+    r.update_bias(torch.tensor([10.0, 0.0, 0.0, 0.0]))
+    assert torch.all(r.expert_bias == 0)
