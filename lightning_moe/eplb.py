@@ -30,7 +30,7 @@ __all__ = ["rebalance_experts", "balanced_packing", "replicate_experts", "gpu_lo
 
 _MAX_SWAP_ROUNDS = 256
 _MAX_MOVE_ROUNDS = 16
-_TOP_K = 6  # replica moves are tried between the _TOP_K heaviest experts of a row
+_TOP_K = 4  # replica moves are tried between the _TOP_K heaviest experts of a row
 _TOLERANCE = 1e-3  # stop improving a row once its heaviest pack is within this of the mean
 
 

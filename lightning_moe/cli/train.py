@@ -16,7 +16,7 @@ from typing import Any
 import hydra
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_moe.cli import schema  # noqa: F401 - registers the structured-config schemas
@@ -79,6 +79,8 @@ def build(cfg: DictConfig) -> tuple[pl.Trainer, MoELanguageModel, pl.LightningDa
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     module = MoELanguageModel(model_cfg, optim_cfg)
     callbacks = [hydra.utils.instantiate(c, _convert_="all") for c in (cfg.callbacks or {}).values() if c]
+    if not cfg.trainer.get("enable_progress_bar", True):  # `trainer.enable_progress_bar=false` drops the bar
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     callbacks.append(RecordWandbRunId())
     loggers = build_loggers(cfg)
     trainer = hydra.utils.instantiate(cfg.trainer, _convert_="all", strategy=build_strategy(cfg),
@@ -107,14 +109,21 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path="pkg://lightning_moe.conf", config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    metrics = run(cfg)
+    try:
+        metrics = run(cfg)
+    except Exception as err:
+        # Inside the job, Hydra would log its own "Error executing job" line first: report config errors here.
+        message = config_error_message(err)
+        if message is None:
+            raise
+        _exit_with(message)
     return metrics.get("val/loss")  # for sweeps
 
 
 def config_error_message(err: BaseException) -> str | None:
     """A one-line description of a configuration error, or None if ``err`` is not one."""
     from hydra.errors import HydraException  # noqa: PLC0415
-    from omegaconf.errors import OmegaConfBaseException  # noqa: PLC0415
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException  # noqa: PLC0415
 
     chain, seen = [], err
     while seen is not None and len(chain) < 8:
@@ -126,9 +135,12 @@ def config_error_message(err: BaseException) -> str | None:
     for exc in chain:
         if isinstance(exc, OmegaConfBaseException) and getattr(exc, "full_key", None):
             detail = str(exc.msg if getattr(exc, "msg", None) else exc).splitlines()[0]
+            if isinstance(exc, (ConfigKeyError, ConfigAttributeError)):
+                return f"{exc.full_key}: unknown key ({detail}; add a new key with +{exc.full_key}=...)"
             return f"{exc.full_key}: {detail}"
     if isinstance(err, HydraException):
-        return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        text = str(err).split("Config search path")[0]
+        return " ".join(line.strip() for line in text.splitlines() if line.strip())
     return None
 
 
@@ -141,8 +153,12 @@ def main() -> None:
         message = config_error_message(err)
         if message is None:
             raise
-        print(f"lightning-moe-train: error: {message}", file=sys.stderr)
-        sys.exit(2)
+        _exit_with(message)
+
+
+def _exit_with(message: str) -> None:
+    print(f"lightning-moe-train: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":
