@@ -22,6 +22,7 @@ Policy (``rebalance_experts``):
 Every packing is greedy (heaviest item into the lightest pack with room) followed by
 pairwise swaps between the heaviest pack and any other pack.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,7 +31,7 @@ __all__ = ["rebalance_experts", "balanced_packing", "replicate_experts", "gpu_lo
 
 _MAX_SWAP_ROUNDS = 256
 _MAX_MOVE_ROUNDS = 16
-_TOP_K = 4  # replica moves are tried between the _TOP_K heaviest experts of a row
+_TOP_K = 6  # replica moves are tried between the _TOP_K heaviest experts of a row
 _TOLERANCE = 1e-3  # stop improving a row once its heaviest pack is within this of the mean
 
 
@@ -104,13 +105,10 @@ def replicate_experts(weight: torch.Tensor, num_phy: int) -> tuple[torch.Tensor,
     """
     num_rows, num_log = weight.shape
     w = weight.to(torch.float64)
-    rows = torch.arange(num_rows)
-    phy2log = torch.empty(num_rows, num_phy, dtype=torch.long)
-    phy2log[:, :num_log] = torch.arange(num_log)
-    logcnt = torch.ones(num_rows, num_log, dtype=torch.long)
+    rows, logcnt = torch.arange(num_rows), torch.ones(num_rows, num_log, dtype=torch.long)
+    phy2log = torch.arange(num_phy).remainder(num_log).repeat(num_rows, 1)
     for i in range(num_log, num_phy):
-        expert = (w / logcnt).argmax(dim=-1)
-        phy2log[:, i] = expert
+        phy2log[:, i] = expert = (w / logcnt).argmax(dim=-1)
         logcnt[rows, expert] += 1
     return phy2log, logcnt
 
@@ -138,23 +136,22 @@ def _place(w: torch.Tensor, num_phy: int, num_packs: int) -> torch.Tensor:
     slot2log, peak = plan(w, logcnt)
     target = w.sum(-1) / num_packs * (1 + _TOLERANCE)  # close enough to perfect: stop searching
     active = (peak > target) & (num_phy > num_log and num_packs > 1)
-    pairs = torch.tensor([(a, b) for a in range(top_k) for b in range(top_k) if a != b]).view(-1, 2)
+    pairs = torch.tensor([(a, b) for a in range(top_k) for b in range(top_k) if a != b], dtype=torch.long)
     for _ in range(_MAX_MOVE_ROUNDS):
         idx = torch.arange(num_rows)[active]
         if idx.numel() == 0:
             break
         wi, cnt, ar = w[idx], logcnt[idx], torch.arange(len(idx))
         top = wi.argsort(-1, descending=True)[:, :top_k]
-        givers, takers = top[:, pairs[:, 0]], top[:, pairs[:, 1]]  # [X', C]
-        # extra move: biggest replica on the heaviest pack gets one from the cheapest spare
-        loads = (wi.gather(-1, slot2log[idx]) / cnt.gather(-1, slot2log[idx])).view(len(idx), num_packs, k)
+        # extra move: the biggest replica on the heaviest pack gets one from the cheapest spare
+        s2l = slot2log[idx].view(len(idx), num_packs, k)
+        loads = wi.gather(-1, s2l.flatten(1)).view_as(s2l) / cnt.gather(-1, s2l.flatten(1)).view_as(s2l)
         heavy = loads.sum(-1).argmax(-1)
-        big = slot2log[idx].view(len(idx), num_packs, k)[ar, heavy].gather(-1, loads[ar, heavy].argmax(-1, keepdim=True))
+        big = s2l[ar, heavy].gather(-1, loads[ar, heavy].argmax(-1, keepdim=True))
         spare = (wi / (cnt - 1).clamp(min=1)).masked_fill(cnt <= 1, float("inf")).scatter(-1, big, float("inf"))
-        givers = torch.cat([givers, spare.argmin(-1, keepdim=True)], -1)
-        takers = torch.cat([takers, big], -1)
-        num_cand = givers.shape[1]
-        one_hot = torch.nn.functional.one_hot
+        givers = torch.cat([top[:, pairs[:, 0]], spare.argmin(-1, keepdim=True)], -1)  # [X', C]
+        takers = torch.cat([top[:, pairs[:, 1]], big], -1)
+        num_cand, one_hot = givers.shape[1], torch.nn.functional.one_hot
         cand = cnt[:, None, :] + one_hot(takers, num_log) - one_hot(givers, num_log)  # [X', C, m]
         ok = (cand.min(-1).values >= 1) & (givers != takers)
         cand = torch.where(ok[..., None], cand, cnt[:, None, :]).view(-1, num_log)
@@ -176,32 +173,32 @@ def _validate(weight: torch.Tensor, num_replicas: int, num_groups: int, num_node
         raise ValueError(f"weight must be non-empty and real-valued, got {tuple(weight.shape)} {weight.dtype}")
     if not torch.isfinite(weight.double()).all() or (weight < 0).any():
         raise ValueError("weight must be finite and non-negative")
-    for name, value in (("num_replicas", num_replicas), ("num_groups", num_groups),
-                        ("num_nodes", num_nodes), ("num_gpus", num_gpus)):
+    named = {"num_replicas": num_replicas, "num_groups": num_groups, "num_nodes": num_nodes, "num_gpus": num_gpus}
+    for name, value in named.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     num_experts = weight.shape[1]
     if num_replicas < num_experts:
         raise ValueError(f"num_replicas ({num_replicas}) must be >= number of experts ({num_experts})")
-    for num, num_name, den, den_name in ((num_replicas, "num_replicas", num_gpus, "num_gpus"),
-                                         (num_gpus, "num_gpus", num_nodes, "num_nodes"),
-                                         (num_experts, "number of experts", num_groups, "num_groups")):
+    for num, num_name, den, den_name in (
+        (num_replicas, "num_replicas", num_gpus, "num_gpus"),
+        (num_gpus, "num_gpus", num_nodes, "num_nodes"),
+        (num_experts, "number of experts", num_groups, "num_groups"),
+    ):
         if num % den != 0:
             raise ValueError(f"{num_name} ({num}) must be divisible by {den_name} ({den})")
 
 
 def _hierarchical(weight: torch.Tensor, num_phy: int, num_groups: int, num_nodes: int, num_gpus: int) -> torch.Tensor:
     """Three-level plan; returns ``phy2log`` [L, R]."""
-    num_layers, num_log = weight.shape
-    group_size = num_log // num_groups
-    log_per_node, phy_per_node = num_log // num_nodes, num_phy // num_nodes
-    gpus_per_node = num_gpus // num_nodes
+    (num_layers, num_log), group_size = weight.shape, weight.shape[1] // num_groups
+    log_per_node, phy_per_node, gpus_per_node = num_log // num_nodes, num_phy // num_nodes, num_gpus // num_nodes
 
     # 1. groups -> nodes. "mlog" (node-major logical) order: node n's experts are contiguous.
     group_load = weight.view(num_layers, num_groups, group_size).sum(-1)
     node_groups = balanced_packing(group_load, num_nodes)  # [L, N, G // N]
-    mlog2log = (node_groups.reshape(num_layers, num_groups, 1) * group_size
-                + torch.arange(group_size)).view(num_layers, num_log)
+    mlog2log = node_groups.reshape(num_layers, num_groups, 1) * group_size + torch.arange(group_size)
+    mlog2log = mlog2log.view(num_layers, num_log)
 
     # 2 + 3. replicate inside each node and pack onto its GPUs: rows are (layer, node) pairs.
     mlog_load = weight.gather(-1, mlog2log).view(num_layers * num_nodes, log_per_node)
@@ -211,8 +208,9 @@ def _hierarchical(weight: torch.Tensor, num_phy: int, num_groups: int, num_nodes
     return mlog2log.gather(-1, pphy2mlog)
 
 
-def rebalance_experts(weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int,
-                      num_gpus: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def rebalance_experts(
+    weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Plan redundant expert placement.
 
     Args:
@@ -230,8 +228,13 @@ def rebalance_experts(weight: torch.Tensor, num_replicas: int, num_groups: int, 
     _validate(weight, num_replicas, num_groups, num_nodes, num_gpus)
     w = weight.detach().to("cpu", torch.float64)
     num_layers, num_log = w.shape
-    hierarchical = num_groups % num_nodes == 0  # else global: one node, one group
-    phy2log = _hierarchical(w, num_replicas, *((num_groups, num_nodes) if hierarchical else (1, 1)), num_gpus)
+    groups, nodes = (num_groups, num_nodes) if num_groups % num_nodes == 0 else (1, 1)  # else global
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # many tiny ops: intra-op threads only add sync cost (huge on busy hosts)
+    try:
+        phy2log = _hierarchical(w, num_replicas, groups, nodes, num_gpus)
+    finally:
+        torch.set_num_threads(threads)
 
     logcnt = torch.zeros(num_layers, num_log, dtype=torch.long)
     logcnt.scatter_add_(-1, phy2log, torch.ones_like(phy2log))
