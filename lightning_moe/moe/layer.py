@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_moe.models.config import ModelConfig
 from lightning_moe.moe.experts import FeedForward, RoutedExperts
-from lightning_moe.moe.permute import combine, expert_capacity, permute
+from lightning_moe.moe.permute import combine, expert_capacity, gather_tokens, inverse_order, permute
 from lightning_moe.moe.router import TopKRouter
 
 
@@ -68,8 +68,9 @@ class MoE(nn.Module):
         if capacity is not None:
             with torch.no_grad():
                 self.router.dropped_tokens += perm.dropped
-        routed_out = self.experts(tokens.index_select(0, perm.token_index), perm.counts)
-        out = combine(routed_out, perm, routing.weights)
+        inverse = inverse_order(perm) if perm.dropless else None
+        routed_out = self.experts(gather_tokens(tokens, perm, inverse), perm.counts)
+        out = combine(routed_out, perm, routing.weights, inverse)
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens)
         out = out.view(b, s, d)

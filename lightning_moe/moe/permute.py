@@ -31,6 +31,12 @@ class Permutation:
         return self.token_index.numel() == self.num_slots
 
 
+def count_per_expert(flat_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] int64 occurrences of each expert id. Unlike ``torch.bincount`` this never syncs with the GPU."""
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat_indices.device)
+    return counts.scatter_add_(0, flat_indices, torch.ones_like(flat_indices))
+
+
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
     """Rows one expert may take: ceil(capacity_factor * T * K / E)."""
     return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
@@ -41,7 +47,7 @@ def permute(expert_indices: torch.Tensor, num_experts: int, capacity: int | None
     t, k = expert_indices.shape
     flat = expert_indices.reshape(-1)
     slot_order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
+    counts = count_per_expert(flat, num_experts)
     dropped: int | torch.Tensor = 0
     if capacity is not None:
         starts = torch.cumsum(counts, 0) - counts
@@ -54,17 +60,73 @@ def permute(expert_indices: torch.Tensor, num_experts: int, capacity: int | None
     return Permutation(slot_order, slot_order // k, counts, t * k, dropped)
 
 
-def combine(routed_out: torch.Tensor, perm: Permutation, weights: torch.Tensor) -> torch.Tensor:
+def inverse_order(perm: Permutation) -> torch.Tensor:
+    """[T * K] the routed row of each slot (dropless only)."""
+    inverse = torch.empty_like(perm.slot_order)
+    inverse[perm.slot_order] = torch.arange(perm.num_slots, device=inverse.device)
+    return inverse
+
+
+class _GatherTokens(torch.autograd.Function):
+    """rows = x[token_index]; the backward sums each token's K row gradients with a gather (no atomic adds)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, token_index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.num_tokens = x.shape[0]
+        return x.index_select(0, token_index)
+
+    @staticmethod
+    def backward(ctx, grad_rows: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        per_slot = grad_rows.index_select(0, inverse)
+        return per_slot.view(ctx.num_tokens, -1, per_slot.shape[-1]).sum(1), None, None
+
+
+class _Combine(torch.autograd.Function):
+    """out[t] = sum_k w[t, k] * rows[inverse[t * K + k]], with gather-only forward and backward."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, weights: torch.Tensor, inverse: torch.Tensor,
+                token_index: torch.Tensor, slot_order: torch.Tensor) -> torch.Tensor:
+        t, k = weights.shape
+        per_slot = rows.index_select(0, inverse).view(t, k, -1)
+        w = weights.to(rows.dtype)
+        ctx.save_for_backward(rows, w, inverse, token_index, slot_order)
+        return torch.bmm(w.unsqueeze(1), per_slot).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        rows, w, inverse, token_index, slot_order = ctx.saved_tensors
+        t, k = w.shape
+        grad_rows = grad_w = None
+        if ctx.needs_input_grad[0]:
+            w_rows = w.reshape(-1).index_select(0, slot_order).unsqueeze(-1)
+            grad_rows = grad_out.index_select(0, token_index) * w_rows
+        if ctx.needs_input_grad[1]:
+            per_slot = rows.index_select(0, inverse).view(t, k, -1)
+            grad_w = torch.bmm(per_slot, grad_out.unsqueeze(-1)).squeeze(-1).float()
+        return grad_rows, grad_w, None, None, None
+
+
+def gather_tokens(x: torch.Tensor, perm: Permutation, inverse: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [T, D] -> routed rows [N, D] in expert order."""
+    if not perm.dropless:
+        return x.index_select(0, perm.token_index)
+    inverse = inverse_order(perm) if inverse is None else inverse
+    return _GatherTokens.apply(x, perm.token_index, inverse)
+
+
+def combine(routed_out: torch.Tensor, perm: Permutation, weights: torch.Tensor,
+            inverse: torch.Tensor | None = None) -> torch.Tensor:
     """Weighted sum of each token's expert outputs. routed_out: [N, D]; weights: [T, K] -> [T, D].
 
-    Dropped slots contribute zero. The dropless path uses a gather (deterministic, no atomics).
+    Dropped slots contribute zero. The dropless path gathers in both directions (deterministic, no atomic adds).
     """
     t, k = weights.shape
-    d = routed_out.shape[-1]
     if perm.dropless:
-        inverse = torch.empty_like(perm.slot_order)
-        inverse[perm.slot_order] = torch.arange(perm.num_slots, device=inverse.device)
-        per_slot = routed_out.index_select(0, inverse)
-    else:
-        per_slot = routed_out.new_zeros(perm.num_slots, d).index_copy(0, perm.slot_order, routed_out)
+        inverse = inverse_order(perm) if inverse is None else inverse
+        return _Combine.apply(routed_out, weights, inverse, perm.token_index, perm.slot_order)
+    d = routed_out.shape[-1]
+    per_slot = routed_out.new_zeros(perm.num_slots, d).index_copy(0, perm.slot_order, routed_out)
     return torch.bmm(weights.to(routed_out.dtype).unsqueeze(1), per_slot.view(t, k, d)).squeeze(1)

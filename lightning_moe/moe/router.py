@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_moe.moe.permute import count_per_expert
+
 
 @dataclass
 class RoutingResult:
@@ -34,7 +36,7 @@ def balance_loss(probs: torch.Tensor, expert_indices: torch.Tensor, num_experts:
     probs: [T, E] normalised scores; expert_indices: [T, K].
     f_i is the fraction of the T*K assignments that went to expert i, P_i the mean probability of expert i.
     """
-    counts = torch.bincount(expert_indices.flatten(), minlength=num_experts).to(probs.dtype)
+    counts = count_per_expert(expert_indices.flatten(), num_experts).to(probs.dtype)
     f = counts / expert_indices.numel()
     return num_experts * torch.dot(f, probs.mean(0))
 
@@ -128,7 +130,7 @@ class TopKRouter(nn.Module):
 
         if self.training:
             with torch.no_grad():
-                self.tokens_per_expert += torch.bincount(expert_indices.flatten(), minlength=self.num_experts)
+                self.tokens_per_expert += count_per_expert(expert_indices.flatten(), self.num_experts)
 
         aux, losses = None, {}
         if self.training and (self.aux_loss_coef or self.seq_aux_loss_coef or self.z_loss_coef):

@@ -1,0 +1,167 @@
+"""MoE layer forward+backward time and effective TFLOP/s per expert kernel, against a dense MLP of the same FLOPs.
+
+    python benchmarks/moe_layer.py                      # DeepSeek-like layer on the GPU (bf16), writes docs/
+    python benchmarks/moe_layer.py --tokens 2048 --dim 256 --ffn 128 --experts 16 --topk 4 --device cpu --dtype float32
+
+Rows (all at the same useful FLOPs: T * K tokens through SwiGLU experts of size D x H):
+    dense_mlp             SwiGLU MLP with hidden K * H on all T tokens (the baseline)
+    experts[KERNEL]       the expert kernel alone on rows already sorted by expert
+    moe_layer[KERNEL]     the whole layer: router, permutation, experts, combine (no shared expert)
+"Effective TFLOP/s" divides the expert matmul FLOPs (6 * T * K * 3 * D * H for forward + backward) by the time, so
+the overhead of routing and permutation shows up as a lower figure. Ratios are against dense_mlp in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning_moe.models.config import ModelConfig  # noqa: E402
+from lightning_moe.moe.experts import RoutedExperts  # noqa: E402
+from lightning_moe.moe.kernels import KERNELS  # noqa: E402
+from lightning_moe.moe.layer import MoE  # noqa: E402
+
+
+def timeit(fn, warmup: int, iters: int, device: torch.device) -> float:
+    """Median milliseconds of fn() (forward + backward)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--dim", type=int, default=2048)
+    p.add_argument("--ffn", type=int, default=1408)
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--topk", type=int, default=6)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--kernels", default="grouped_mm,loop,megablocks")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd layers")
+    p.add_argument("--out", default=None, help="markdown file for the table (default: docs/ on GPU runs)")
+    args = p.parse_args(argv)
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    t, d, h, e, k = args.tokens, args.dim, args.ffn, args.experts, args.topk
+    torch.manual_seed(0)
+    flops = 3 * 2 * t * k * 3 * d * h  # forward + backward of the expert matmuls
+    rows: list[dict] = []
+
+    def record(name: str, ms: float | None, note: str = "") -> None:
+        rows.append({"name": name, "ms": ms, "tflops": flops / (ms * 1e-3) / 1e12 if ms else None, "note": note})
+        print(f"{name:32s} {'' if ms is None else f'{ms:9.2f} ms'} {note}", flush=True)
+
+    x = torch.randn(t, d, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(t, d, device=device, dtype=dtype)
+
+    # dense baseline
+    w1 = (torch.randn(k * h, d, device=device, dtype=dtype) * 0.02).requires_grad_()
+    w3 = (torch.randn(k * h, d, device=device, dtype=dtype) * 0.02).requires_grad_()
+    w2 = (torch.randn(d, k * h, device=device, dtype=dtype) * 0.02).requires_grad_()
+
+    def dense():
+        y = F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+        y.backward(grad)
+
+    record("dense_mlp", timeit(dense, args.warmup, args.iters, device))
+
+    # balanced-ish counts for the pre-permuted expert kernels
+    routed = torch.randint(0, e, (t * k,), device=device).sort().values
+    counts = torch.zeros(e, dtype=torch.int64, device=device).scatter_add_(0, routed, torch.ones_like(routed))
+    xr = torch.randn(t * k, d, device=device, dtype=dtype, requires_grad=True)
+    gr = torch.randn(t * k, d, device=device, dtype=dtype)
+    cfg = ModelConfig(dim=d, num_experts=e, top_k=k, moe_ffn_dim=h, num_shared_experts=0, n_layers=2,
+                      n_heads=max(1, d // 128), max_seq_len=t)
+    # Weight layout experiment: experts stored [E, out, in] (nn.Linear / Hugging Face layout) and transposed on use.
+    w13t = (torch.randn(e, 2 * h, d, device=device, dtype=dtype) * 0.02).requires_grad_()
+    w2t = (torch.randn(e, d, h, device=device, dtype=dtype) * 0.02).requires_grad_()
+    if "grouped_mm" in args.kernels.split(","):
+        from lightning_moe.moe.kernels import grouped_mm_experts
+
+        def run_transposed():
+            grouped_mm_experts(xr, counts, w13t.transpose(-2, -1), w2t.transpose(-2, -1)).backward(gr)
+
+        record("experts[grouped_mm, [E,out,in] layout]", timeit(run_transposed, args.warmup, args.iters, device))
+
+    for name in args.kernels.split(","):
+        if name not in KERNELS:
+            continue
+        iters = args.iters if name != "loop" else max(3, args.iters // 4)
+        try:
+            experts = RoutedExperts(e, d, h, kernel=name).to(device, dtype)
+        except ImportError as err:
+            record(f"experts[{name}]", None, f"unavailable: {str(err).split('(import failed')[-1][:120]}")
+            record(f"moe_layer[{name}]", None, "unavailable")
+            continue
+
+        def run_experts(experts=experts):
+            experts(xr, counts).backward(gr)
+
+        record(f"experts[{name}]", timeit(run_experts, args.warmup, iters, device))
+        cfg.expert_kernel = name
+        layer = MoE(cfg).to(device, dtype)
+        xl = x.view(1, t, d)
+
+        def run_layer(layer=layer):
+            layer(xl).backward(grad.view(1, t, d))
+
+        record(f"moe_layer[{name}]", timeit(run_layer, args.warmup, iters, device))
+        if args.compile and name != "loop":
+            compiled = torch.compile(layer)
+
+            def run_compiled(compiled=compiled):
+                compiled(xl).backward(grad.view(1, t, d))
+
+            record(f"moe_layer[{name}]+compile", timeit(run_compiled, args.warmup, iters, device))
+
+    dense_ms = rows[0]["ms"]
+    dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    lines = [
+        f"MoE layer benchmark on {dev_name}, torch {torch.__version__}, {args.dtype}, forward+backward: "
+        f"{t} tokens, hidden {d}, expert FFN {h}, {e} experts, top-{k}.",
+        "",
+        "| variant | time (ms) | effective TFLOP/s | throughput vs dense | note |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
+    for r in rows:
+        if r["ms"] is None:
+            lines.append(f"| {r['name']} | - | - | - | {r['note']} |")
+        else:
+            lines.append(f"| {r['name']} | {r['ms']:.2f} | {r['tflops']:.1f} | {dense_ms / r['ms']:.0%} | {r['note']} |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    out = args.out or ("docs/moe_layer_benchmark.md" if device.type == "cuda" else None)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        cmd = "python benchmarks/moe_layer.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        Path(out).write_text(f"# MoE layer benchmark\n\nReproduce: `{cmd.strip()}`\n\n{table}\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
