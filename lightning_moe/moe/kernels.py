@@ -54,13 +54,28 @@ _MEGABLOCKS_HELP = (
 
 
 def _megablocks_gmm() -> Callable[..., torch.Tensor]:
+    """MegaBlocks' dropless grouped GEMM: ``megablocks.grouped_gemm_util.ops.gmm``, which is ``grouped_gemm.ops.gmm``.
+
+    megablocks 0.10.0's own CUDA extension does not compile against CUDA 13 (docs/moe_layer_benchmark.md), and
+    without it ``import megablocks`` fails; its grouped-GEMM backend package ``grouped_gemm`` does build there, so it
+    is used directly when ``megablocks`` itself cannot be imported.
+    """
+    errors = []
     try:
         from megablocks import grouped_gemm_util as gg  # noqa: PLC0415 - optional extra, imported on use
+
+        if gg.grouped_gemm_is_available():
+            return gg.ops.gmm
+        errors.append("megablocks imported but its `grouped_gemm` backend is missing")
     except Exception as err:  # ImportError, or its CUDA extension failing to load
-        raise ImportError(f"{_MEGABLOCKS_HELP} (import failed: {err})") from err
-    if not gg.grouped_gemm_is_available():
-        raise ImportError(f"{_MEGABLOCKS_HELP} (megablocks imported but `grouped_gemm` is missing)")
-    return gg.ops.gmm
+        errors.append(f"import megablocks: {err}")
+    try:
+        import grouped_gemm  # noqa: PLC0415 - MegaBlocks' grouped-GEMM backend (its `gg` extra)
+
+        return grouped_gemm.ops.gmm
+    except Exception as err:
+        errors.append(f"import grouped_gemm: {err}")
+    raise ImportError(f"{_MEGABLOCKS_HELP} ({'; '.join(errors)})")
 
 
 def megablocks_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
