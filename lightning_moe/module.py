@@ -12,11 +12,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from lightning_moe.models.config import ModelConfig
 from lightning_moe.models.transformer import MoETransformer
 from lightning_moe.moe.balance import collect_expert_load, imbalance, moe_layers, update_expert_biases
 from lightning_moe.optim import OptimizerConfig, build_optimizer
+from lightning_moe.parallel.clip import clip_grad_norm_
 
 
 class MoELanguageModel(pl.LightningModule):
@@ -33,8 +35,10 @@ class MoELanguageModel(pl.LightningModule):
         # Plain dicts only, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters({"model": self.model_cfg.to_dict(), "optimizer": dataclasses.asdict(self.optim_cfg)})
         self.model: MoETransformer | None = None
-        # Process group over which expert loads are summed; set by MoEStrategy (None: all ranks).
+        # Set by MoEStrategy: the group over which expert loads are summed (None: all ranks), and the groups over
+        # which squared gradient norms are summed on top of DTensor reductions (pipeline stages).
         self.expert_load_group = None
+        self.grad_norm_groups: list = []
         self._checked_vocab = False
 
     # --- model ---
@@ -94,6 +98,18 @@ class MoELanguageModel(pl.LightningModule):
             if self.model_cfg.capacity_factor is not None:
                 self.log("moe/dropped_tokens", dropped.sum())
             update_expert_biases(self.model, load)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Norm clipping that also works when dense and expert weights are sharded on different meshes."""
+        if gradient_clip_val is None or gradient_clip_val <= 0:
+            return
+        if gradient_clip_algorithm not in (None, "norm") or not any(
+            isinstance(p, DTensor) for p in self.model.parameters()
+        ):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        norm = clip_grad_norm_(params, gradient_clip_val, extra_groups=self.grad_norm_groups)
+        self.log("train/grad_norm", norm)
 
     # --- optimizer ---
     def configure_optimizers(self):
