@@ -10,6 +10,8 @@ from lightning_moe.models.config import ModelConfig
 from lightning_moe.models.transformer import MoETransformer
 from lightning_moe.module import MoELanguageModel
 from lightning_moe.optim import OptimizerConfig
+from lightning_moe.parallel.dims import ParallelDims
+from lightning_moe.parallel.strategy import MoEStrategy  # registers Trainer(strategy="moe")
 
 __version__ = "0.1.0"
 
@@ -17,7 +19,9 @@ __all__ = [
     "ConfigError",
     "ModelConfig",
     "MoELanguageModel",
+    "MoEStrategy",
     "MoETransformer",
+    "ParallelDims",
     "OptimizerConfig",
     "ThroughputMonitor",
     "TokenDataModule",

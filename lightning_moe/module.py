@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from lightning_moe.models.config import ModelConfig
+from lightning_moe.models.mtp import mtp_lambda, mtp_losses
 from lightning_moe.models.transformer import MoETransformer
 from lightning_moe.moe.balance import collect_expert_load, imbalance, moe_layers, update_expert_biases
 from lightning_moe.optim import OptimizerConfig, build_optimizer
@@ -68,18 +69,42 @@ class MoELanguageModel(pl.LightningModule):
         scale = 1.0 / self.trainer.accumulate_grad_batches if self._trainer is not None else 1.0
         for _, moe in moe_layers(self.model):
             moe.aux_loss_scale = scale
-        logits = self.model(batch[:, :-1])
+        logits, mtp_logits = self._forward_with_mtp(batch)
         loss = self.lm_loss(logits, batch[:, 1:])
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True)  # the main next-token loss only, comparable with MTP off
+        if mtp_logits:
+            weight = mtp_lambda(self.model_cfg, self.global_step)
+            loss = loss + weight * self._mtp_loss(mtp_logits, batch[:, 1:], "train")
+            self.log("train/mtp_lambda", weight)
         self._log_aux_losses()
         if self._trainer is not None and self.trainer.optimizers:
             self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
         return loss
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        loss = self.lm_loss(self.model(batch[:, :-1]), batch[:, 1:])
+        logits, mtp_logits = self._forward_with_mtp(batch)
+        loss = self.lm_loss(logits, batch[:, 1:])
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        if mtp_logits:
+            self._mtp_loss(mtp_logits, batch[:, 1:], "val")
         return loss
+
+    # --- multi-token prediction (lightning_moe.models.mtp) ---
+    def _forward_with_mtp(self, batch: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """batch: [B, S + 1] -> (logits [B, S, V], per-depth MTP logits [B, S - k, V]; empty without MTP)."""
+        if getattr(self.model, "mtp", None) is None:
+            return self.model(batch[:, :-1]), []
+        return self.model(batch[:, :-1], labels=batch[:, 1:])
+
+    def _mtp_loss(self, mtp_logits: list[torch.Tensor], labels: torch.Tensor, stage: str) -> torch.Tensor:
+        """Mean of the per-depth cross-entropies (unweighted); logs ``{stage}/mtp_loss`` and ``{stage}/mtp_loss_{k}``."""
+        losses = mtp_losses(mtp_logits, labels)
+        sync = stage != "train"
+        for k, value in enumerate(losses, start=1):
+            self.log(f"{stage}/mtp_loss_{k}", value, sync_dist=sync)
+        mean = torch.stack(losses).mean()
+        self.log(f"{stage}/mtp_loss", mean, sync_dist=sync)
+        return mean
 
     def _log_aux_losses(self) -> None:
         totals: dict[str, torch.Tensor] = {}

@@ -34,6 +34,8 @@ class ModelConfig:
     """Per-head size (None: dim // n_heads)."""
     attention: str = "gqa"
     """Attention type: gqa (grouped-query / multi-head) or mla (DeepSeek multi-head latent attention)."""
+    qk_norm: bool = False
+    """GQA: RMSNorm over each query and key head before RoPE (Qwen3)."""
     q_lora_rank: int = 0
     """MLA: rank of the query compression (0: no compression)."""
     kv_lora_rank: int = 64
@@ -92,7 +94,15 @@ class ModelConfig:
     """Routed-expert kernel: grouped_mm (default), loop (reference) or megablocks (GPU, optional extra)."""
     # --- multi-token prediction ---
     mtp_depth: int = 0
-    """DeepSeek-V3 multi-token prediction modules (0: off)."""
+    """DeepSeek-V3 multi-token prediction modules (0: off); depth k predicts token t+k+1 from position t."""
+    mtp_moe: bool = True
+    """MTP blocks use an MoE feed-forward like DeepSeek-V3's (false: a dense SwiGLU of dense_ffn_dim)."""
+    mtp_lambda: float = 0.3
+    """Weight of the MTP loss (mean of the per-depth cross-entropies) added to the main loss."""
+    mtp_lambda_final: Optional[float] = None
+    """MTP loss weight from optimizer step mtp_lambda_switch_step on (None: keep mtp_lambda; DeepSeek-V3: 0.1)."""
+    mtp_lambda_switch_step: int = 0
+    """Optimizer step at which the MTP loss weight switches to mtp_lambda_final."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form metadata (architecture name, source checkpoint); ignored by the model."""
 
@@ -118,6 +128,8 @@ class ModelConfig:
             raise bad("expert_kernel", f"must be one of {', '.join(EXPERT_KERNELS)}")
         if self.attention not in ATTENTION_TYPES:
             raise bad("attention", f"must be one of {', '.join(ATTENTION_TYPES)}")
+        if self.qk_norm and self.attention != "gqa":
+            raise bad("qk_norm", "is only available with model.attention=gqa")
         if self.num_experts % self.n_group:
             raise bad("n_group", f"must divide model.num_experts={self.num_experts}")
         if self.topk_group > self.n_group:
@@ -135,6 +147,14 @@ class ModelConfig:
                 raise bad("head_dim", "must be even for rotary embeddings")
         elif self.qk_rope_head_dim % 2:
             raise bad("qk_rope_head_dim", "must be even for rotary embeddings")
+        # --- multi-token prediction ---
+        for key in ("mtp_lambda", "mtp_lambda_switch_step"):
+            if getattr(self, key) < 0:
+                raise bad(key, "must be >= 0")
+        if self.mtp_lambda_final is not None and self.mtp_lambda_final < 0:
+            raise bad("mtp_lambda_final", "must be >= 0 (or null to keep model.mtp_lambda)")
+        if self.mtp_depth >= self.max_seq_len:
+            raise bad("mtp_depth", f"must be < model.max_seq_len={self.max_seq_len}")
 
     # --- derived sizes ---
     @property

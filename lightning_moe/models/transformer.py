@@ -20,15 +20,15 @@ from lightning_moe.moe.layer import MoE
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: attention, then a dense SwiGLU MLP or an MoE layer."""
+    """Pre-norm block: attention, then a dense SwiGLU MLP or an MoE layer (``moe``; default: by ``layer_id``)."""
 
-    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_id: int, moe: bool | None = None) -> None:
         super().__init__()
         self.layer_id = layer_id
         self.attention_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.attention = build_attention(cfg)
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.moe = cfg.is_moe_layer(layer_id)
+        self.moe = cfg.is_moe_layer(layer_id) if moe is None else moe
         self.feed_forward = MoE(cfg) if self.moe else FeedForward(cfg.dim, cfg.dense_ffn_dim, cfg.init_std)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -41,6 +41,10 @@ class MoETransformer(nn.Module):
 
     On a pipeline stage some of ``tok_embeddings``, ``norm`` and ``output`` may be None: the stage then takes or
     returns hidden states [B, S, D] instead of tokens [B, S] / logits [B, S, V].
+
+    With ``model.mtp_depth > 0``, ``mtp`` holds the multi-token-prediction modules (``lightning_moe.models.mtp``);
+    they share ``tok_embeddings`` and ``output`` and run only when ``forward`` gets ``labels``. Setting ``mtp`` to
+    None leaves a plain inference model with the same state-dict keys minus ``mtp.*``.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -54,6 +58,12 @@ class MoETransformer(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.reset_parameters()
+        # --- multi-token prediction: built last, so the main weights draw the same random numbers without it ---
+        self.mtp = None
+        if cfg.mtp_depth:
+            from lightning_moe.models.mtp import MultiTokenPrediction  # noqa: PLC0415 - mtp imports this module
+
+            self.mtp = MultiTokenPrediction(cfg)
 
     def reset_parameters(self) -> None:
         if self.tok_embeddings is not None:
@@ -76,9 +86,20 @@ class MoETransformer(nn.Module):
         h = self.norm(h)
         return self.output(h) if self.output is not None else h
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: [B, S] int (or hidden [B, S, D] on a later pipeline stage) -> logits [B, S, V]."""
-        return self.head(self.blocks(self.embed(tokens)))
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None):
+        """tokens: [B, S] int (or hidden [B, S, D] on a later pipeline stage) -> logits [B, S, V].
+
+        With ``labels`` ([B, S], the targets: tokens shifted left by one) returns ``(logits, mtp_logits)``, where
+        ``mtp_logits[k-1]``: [B, S - k, V] are depth k's predictions of ``labels[:, k:]`` (an empty list without MTP
+        modules). Training goes through ``forward`` so that FSDP's hooks on the root module run.
+        """
+        h = self.blocks(self.embed(tokens))
+        logits = self.head(h)
+        if labels is None:
+            return logits
+        if self.mtp is None:
+            return logits, []
+        return logits, self.mtp(h, labels, self.tok_embeddings, self.output, self.rope)
 
     def moe_layers(self) -> Iterator[tuple[str, MoE]]:
         """(layer key, MoE module) for every MoE layer held by this module."""

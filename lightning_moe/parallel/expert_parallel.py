@@ -68,6 +68,19 @@ def expert_major_order(recv_counts: torch.Tensor, num_rows: int) -> tuple[torch.
     return to_expert_major, to_expert_major_pos
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity whose backward multiplies the gradient by ``scale``."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
 class ExpertParallel(RoutedExperts):
     """``RoutedExperts`` whose experts are spread over a 1-D ``ep`` device mesh; same ``forward(x, counts)`` contract.
 
@@ -97,6 +110,9 @@ class ExpertParallel(RoutedExperts):
         self.kernel_name, self.kernel, self.init_std = experts.kernel_name, experts.kernel, experts.init_std
         self.ep_mesh = ep_mesh
         self.ep_size, self.ep_rank = ep, rank
+        # Multiplies the local expert weights' gradients. The strategy sets it to 1 / ep: each rank's expert
+        # gradient sums the tokens of the whole ep group, and data-parallel averaging must not count them ep times.
+        self.weight_grad_scale = 1.0
         first = rank * self.num_experts
         for name in ("w13", "w2"):
             full = getattr(experts, name)
@@ -118,6 +134,8 @@ class ExpertParallel(RoutedExperts):
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: [N, D] rows sorted by global expert; counts: [E] int64 rows per global expert -> [N, D], same order."""
         w13, w2 = self.local_weights()
+        if self.weight_grad_scale != 1.0 and torch.is_grad_enabled():
+            w13, w2 = _ScaleGrad.apply(w13, self.weight_grad_scale), _ScaleGrad.apply(w2, self.weight_grad_scale)
         if self.ep_size == 1:
             return self.kernel(x, counts, w13, w2)
         ep, num_local = self.ep_size, self.num_experts

@@ -1,0 +1,65 @@
+"""Apply parallelism to a plain ``MoETransformer``, in a fixed order: expert parallel, activation checkpointing,
+compile, FSDP2 (dense weights on the data-parallel mesh, experts on their own data-parallel mesh).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lightning_moe.errors import ConfigError
+from lightning_moe.moe.layer import MoE
+from lightning_moe.parallel.dims import Meshes, ParallelDims
+from lightning_moe.parallel.expert_parallel import apply_expert_parallel
+
+
+def _checkpointed_forward(forward, *args, **kwargs):
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each transformer block in backward. Wraps ``forward`` in place, so parameter names don't change."""
+    for block in model.layers.values():
+        block.forward = functools.partial(_checkpointed_forward, block.forward)
+
+
+def parallelize(model: nn.Module, dims: ParallelDims, meshes: Meshes | None, *, param_dtype: torch.dtype | None = None,
+                reduce_dtype: torch.dtype = torch.float32, activation_checkpointing: bool = False,
+                compile: bool = False) -> nn.Module:
+    """Shard ``model`` (a ``MoETransformer`` or one pipeline stage of it) in place and return it.
+
+    Every rank must hold the same weights (or meta tensors) on entry.
+    """
+    moe_layers = [m for m in model.modules() if isinstance(m, MoE)]
+    if dims.ep > 1:
+        for moe in moe_layers:
+            if moe.num_experts % dims.ep:
+                raise ConfigError(f"model.num_experts={moe.num_experts} must be divisible by strategy.ep={dims.ep}")
+        apply_expert_parallel(model, meshes.ep)
+        if dims.fsdp_enabled:
+            # Each EP rank's expert gradient sums the tokens of the whole ep group; FSDP then averages over the
+            # expert data-parallel mesh (dp / ep ranks). Scaling by 1 / ep makes that the mean over all dp ranks,
+            # like the dense weights. (FSDP's gradient divide factor would do it too, but needs PREMUL_SUM,
+            # which gloo lacks.)
+            for moe in moe_layers:
+                moe.experts.weight_grad_scale = 1.0 / dims.ep
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if compile:
+        for block in model.layers.values():
+            block.compile()
+    if dims.fsdp_enabled:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: PLC0415
+
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+        dense_mesh, expert_mesh = meshes.dense, meshes.expert_dp
+        for block in model.layers.values():
+            moe = block.feed_forward if isinstance(block.feed_forward, MoE) else None
+            if moe is not None and dims.ep > 1:
+                fully_shard(moe.experts, mesh=expert_mesh, mp_policy=mp)
+            fully_shard(block, mesh=dense_mesh, mp_policy=mp)
+        fully_shard(model, mesh=dense_mesh, mp_policy=mp)
+    return model
