@@ -71,7 +71,7 @@ class MoELanguageModel(pl.LightningModule):
             moe.aux_loss_scale = scale
         logits, mtp_logits = self._forward_with_mtp(batch)
         loss = self.lm_loss(logits, batch[:, 1:])
-        self.log("train/loss", loss, prog_bar=True)  # the main next-token loss only, comparable with MTP off
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the main next-token loss only, comparable with MTP off
         if mtp_logits:
             weight = mtp_lambda(self.model_cfg, self.global_step)
             loss = loss + weight * self._mtp_loss(mtp_logits, batch[:, 1:], "train")

@@ -24,11 +24,13 @@ def detect_peak_tflops() -> float | None:
 
 class ThroughputMonitor(Callback):
     """Logs ``perf/tokens_per_sec`` (all data-parallel ranks), ``perf/tokens_per_sec_per_device``,
-    ``perf/tflops_per_device`` and ``perf/mfu`` every ``log_every_n_steps`` optimizer steps.
+    ``perf/tflops_per_device`` and ``perf/mfu`` every ``log_every_n_steps`` optimizer steps, averaged over them.
+
+    The first step after the start of training or a validation (start-up, compilation) is not timed.
 
     Args:
         peak_tflops: per-device peak used for MFU (None: detected from the GPU name; no MFU on CPU).
-        log_every_n_steps: averaging window, in optimizer steps.
+        log_every_n_steps: averaging window and logging interval, in optimizer steps.
     """
 
     def __init__(self, peak_tflops: float | None = None, log_every_n_steps: int = 10) -> None:
@@ -36,13 +38,12 @@ class ThroughputMonitor(Callback):
         self.window = max(1, log_every_n_steps)
         self._t0: float | None = None
         self._tokens = 0
-        self._steps = 0
         self._seq_len = 0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.peak_tflops is None:
             self.peak_tflops = detect_peak_tflops()
-        self._t0, self._tokens, self._steps = None, 0, 0
+        self._t0, self._tokens = None, 0
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Validation time is not training throughput: restart the window at the next training batch.
@@ -51,14 +52,14 @@ class ThroughputMonitor(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self._t0 is None:  # the first step includes start-up costs: start timing after it
-            self._t0 = time.perf_counter()
+            self._t0, self._tokens = time.perf_counter(), 0
             return
         self._tokens += batch[:, 1:].numel()
         self._seq_len = batch.shape[1] - 1
         if trainer.fit_loop._should_accumulate():
             return
-        self._steps += 1
-        if self._steps % self.window:
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning logs this batch's metrics at
+        if (step + 1) % self.window:
             return
         elapsed = time.perf_counter() - self._t0
         sampler_kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
@@ -72,6 +73,10 @@ class ThroughputMonitor(Callback):
             metrics["perf/tflops_per_device"] = tflops
             if self.peak_tflops:
                 metrics["perf/mfu"] = tflops / self.peak_tflops
-        for name, value in metrics.items():
-            pl_module.log(name, value, prog_bar=name == "perf/tokens_per_sec")
+        # Straight to the loggers at this step: values from `self.log` off Lightning's own logging steps would
+        # reach the loggers only at its next logging step, late, and be sent again at the ones after.
+        pl_module.log("perf/tokens_per_sec", global_tps, prog_bar=True, logger=False)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
         self._t0, self._tokens = time.perf_counter(), 0

@@ -141,6 +141,31 @@ class MoEStrategy(ModelParallelStrategy):
         self.barrier("checkpoint_renamed")
 
     @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Like Lightning's, plus loading a sharded checkpoint into a model that is not sharded (one process)."""
+        from torch.distributed.tensor import DTensor  # noqa: PLC0415
+
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if any(isinstance(p, DTensor) for p in self.model.parameters()) or not (path / ".metadata").is_file():
+            return super().load_checkpoint(path, weights_only=weights_only)
+        import torch.distributed.checkpoint as dcp  # noqa: PLC0415
+        from torch.distributed.checkpoint.state_dict import (  # noqa: PLC0415
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        model_state = {"state_dict": get_model_state_dict(self.model)}
+        dcp.load(model_state, checkpoint_id=path)
+        self.model.load_state_dict(model_state["state_dict"], strict=self.lightning_module.strict_loading)
+        for idx, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{idx}"
+            optim_state = {key: get_optimizer_state_dict(self.model, optimizer)}
+            dcp.load(optim_state, checkpoint_id=path)
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=optim_state[key])
+        return torch.load(path / "meta.pt", weights_only=weights_only)
+
+    @override
     def remove_checkpoint(self, filepath: Any) -> None:
         if self.global_rank == 0:
             path = Path(filepath)
