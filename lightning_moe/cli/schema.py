@@ -27,6 +27,8 @@ class MoEStrategyConfig:
     activation_checkpointing: bool = False
     compile: bool = False
     meta_init: bool = False
+    ep_groups: Optional[int] = None
+    max_ep_groups: Optional[int] = None
     save_distributed_checkpoint: bool = True
 
 

@@ -26,14 +26,37 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         block.forward = functools.partial(_checkpointed_forward, block.forward)
 
 
+def apply_node_limited_routing(model: nn.Module, ep: int, ep_groups: int, max_ep_groups: int) -> None:
+    """Route each token to experts of at most ``max_ep_groups`` of the ``ep_groups`` groups of EP ranks (nodes).
+
+    EP rank r holds experts [r * E / ep, (r + 1) * E / ep), so expert group g of the group-limited router (E /
+    ep_groups consecutive experts) lives on the ep / ep_groups consecutive ranks of node g.
+    """
+    if ep_groups < 1 or ep % ep_groups:
+        raise ConfigError(f"strategy.ep_groups={ep_groups} must divide strategy.ep={ep}")
+    if not 1 <= max_ep_groups <= ep_groups:
+        raise ConfigError(f"strategy.max_ep_groups={max_ep_groups} must be in [1, strategy.ep_groups={ep_groups}]")
+    for moe in (m for m in model.modules() if isinstance(m, MoE)):
+        router = moe.router
+        if router.num_experts % ep_groups:
+            raise ConfigError(f"model.num_experts={router.num_experts} must be divisible by strategy.ep_groups")
+        per_group = router.num_experts // ep_groups
+        if router.top_k > max_ep_groups * per_group:
+            raise ConfigError(f"model.top_k={router.top_k} exceeds the {max_ep_groups * per_group} experts of "
+                              f"strategy.max_ep_groups={max_ep_groups} groups")
+        router.n_group, router.topk_group = ep_groups, max_ep_groups
+
+
 def parallelize(model: nn.Module, dims: ParallelDims, meshes: Meshes | None, *, param_dtype: torch.dtype | None = None,
                 reduce_dtype: torch.dtype = torch.float32, activation_checkpointing: bool = False,
-                compile: bool = False) -> nn.Module:
+                compile: bool = False, ep_groups: int | None = None, max_ep_groups: int | None = None) -> nn.Module:
     """Shard ``model`` (a ``MoETransformer`` or one pipeline stage of it) in place and return it.
 
     Every rank must hold the same weights (or meta tensors) on entry.
     """
     moe_layers = [m for m in model.modules() if isinstance(m, MoE)]
+    if max_ep_groups is not None:
+        apply_node_limited_routing(model, dims.ep, ep_groups or dims.ep, max_ep_groups)
     if dims.ep > 1:
         for moe in moe_layers:
             if moe.num_experts % dims.ep:

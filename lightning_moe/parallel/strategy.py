@@ -54,6 +54,8 @@ class MoEStrategy(ModelParallelStrategy):
         activation_checkpointing: recompute each block in backward.
         compile: ``torch.compile`` each block.
         meta_init: build the model on the meta device and initialise it after sharding (large models).
+        ep_groups: groups of EP ranks for node-limited routing (usually nodes; default: ep, one rank per group).
+        max_ep_groups: node-limited routing: each token uses experts of at most this many EP groups (None: off).
         save_distributed_checkpoint: sharded (resharding) checkpoints; False gathers one file on rank 0.
     """
 
@@ -62,7 +64,7 @@ class MoEStrategy(ModelParallelStrategy):
     def __init__(self, dp_replicate: int = 1, dp_shard: int = -1, ep: int = 1, pp: int = 1,
                  param_dtype: str | torch.dtype | None = None, reduce_dtype: str | torch.dtype = "float32",
                  activation_checkpointing: bool = False, compile: bool = False, meta_init: bool = False,
-                 save_distributed_checkpoint: bool = True, process_group_backend: str | None = None,
+                 ep_groups: int | None = None, max_ep_groups: int | None = None, save_distributed_checkpoint: bool = True, process_group_backend: str | None = None,
                  timeout: timedelta | None = None) -> None:
         kwargs = {} if timeout is None else {"timeout": timeout}
         super().__init__(save_distributed_checkpoint=save_distributed_checkpoint,
@@ -71,6 +73,7 @@ class MoEStrategy(ModelParallelStrategy):
         self.param_dtype = _dtype(param_dtype, "param_dtype")
         self.reduce_dtype = _dtype(reduce_dtype, "reduce_dtype")
         self.activation_checkpointing, self.compile, self.meta_init = activation_checkpointing, compile, meta_init
+        self.ep_groups, self.max_ep_groups = ep_groups, max_ep_groups
         self.dims: ParallelDims | None = None
         self.meshes: Meshes | None = None
 
@@ -113,7 +116,8 @@ class MoEStrategy(ModelParallelStrategy):
         if not any(p.is_meta for p in model.parameters()):
             model.to(self.root_device)
         parallelize(model, self.dims, self.meshes, param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype,
-                    activation_checkpointing=self.activation_checkpointing, compile=self.compile)
+                    activation_checkpointing=self.activation_checkpointing, compile=self.compile,
+                    ep_groups=self.ep_groups, max_ep_groups=self.max_ep_groups)
         if hasattr(module, "expert_load_group"):
             module.expert_load_group = self.meshes.dp.get_group() if self.dims.dp > 1 else None
         super().setup(trainer)

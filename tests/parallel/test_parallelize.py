@@ -109,3 +109,28 @@ def test_invalid_sizes_name_every_factor(sizes, message):
 def test_dp_shard_defaults_to_the_rest():
     dims = ParallelDims(dp_replicate=2, ep=4, world_size=16)
     assert (dims.dp_shard, dims.efsdp, dims.dp) == (8, 2, 16)
+
+
+def _node_limited_worker(rank: int, world_size: int, seed: int) -> None:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, num_experts=8, top_k=3, moe_ffn_dim=16,
+                      max_seq_len=16, score_func="sigmoid")
+    ref = MoETransformer(cfg)
+    model = copy.deepcopy(ref)
+    dims = ParallelDims(dp_shard=4, ep=4, world_size=world_size)
+    meshes = dims.build_meshes("cpu")
+    parallelize(model, dims, meshes, ep_groups=2, max_ep_groups=1)  # 2 "nodes" of 2 EP ranks, 1 node per token
+    seen = []
+    model.layers["1"].feed_forward.router.register_forward_hook(lambda m, i, out: seen.append(out.expert_indices))
+    tokens = torch.randint(0, 64, (2, 16))
+    logits = model(tokens)
+    ranks = seen[0] // (cfg.num_experts // dims.ep)  # EP rank holding each chosen expert
+    nodes = ranks // 2
+    assert torch.all(nodes == nodes[:, :1]), "every token's experts live on one node"
+    for _, m in ref.moe_layers():
+        m.router.n_group, m.router.topk_group = 2, 1
+    torch.testing.assert_close(logits, ref(tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_node_limited_routing_keeps_tokens_on_one_node(seed):
+    run_workers(_node_limited_worker, 4, seed)
