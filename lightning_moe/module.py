@@ -71,7 +71,8 @@ class MoELanguageModel(pl.LightningModule):
             moe.aux_loss_scale = scale
         logits, mtp_logits = self._forward_with_mtp(batch)
         loss = self.lm_loss(logits, batch[:, 1:])
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the main next-token loss only, comparable with MTP off
+        # train/loss is the main next-token loss only (comparable with MTP off); MTP terms are logged apart
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         if mtp_logits:
             weight = mtp_lambda(self.model_cfg, self.global_step)
             loss = loss + weight * self._mtp_loss(mtp_logits, batch[:, 1:], "train")
@@ -97,7 +98,8 @@ class MoELanguageModel(pl.LightningModule):
         return self.model(batch[:, :-1], labels=batch[:, 1:])
 
     def _mtp_loss(self, mtp_logits: list[torch.Tensor], labels: torch.Tensor, stage: str) -> torch.Tensor:
-        """Mean of the per-depth cross-entropies (unweighted); logs ``{stage}/mtp_loss`` and ``{stage}/mtp_loss_{k}``."""
+        """Mean of the per-depth cross-entropies (unweighted); logs ``{stage}/mtp_loss`` and ``{stage}/mtp_loss_{k}``.
+        """
         losses = mtp_losses(mtp_logits, labels)
         sync = stage != "train"
         for k, value in enumerate(losses, start=1):

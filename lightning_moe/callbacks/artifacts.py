@@ -96,6 +96,8 @@ class WandbCheckpointArtifacts(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Checkpoints that exist already (a resumed run's own checkpoint, files from an earlier run) are not new.
+        if not (self.enabled and trainer.is_global_zero):
+            return
         self._seen = {
             id(cb): {p: _signature(p) for p in _candidates(cb)} for cb in trainer.checkpoint_callbacks
         }
@@ -149,7 +151,8 @@ class WandbCheckpointArtifacts(Callback):
             run = logger.experiment
             artifact = wandb.Artifact(name=self.name or f"model-{run.id}", type="model", metadata=metadata)
             if self.policy == "reference":
-                artifact.add_reference(Path(path).resolve().as_uri(), name=None if os.path.isdir(path) else "model.ckpt")
+                name = None if os.path.isdir(path) else "model.ckpt"
+                artifact.add_reference(Path(path).resolve().as_uri(), name=name)
             elif os.path.isdir(path):
                 artifact.add_dir(path, policy=self.policy)
             else:

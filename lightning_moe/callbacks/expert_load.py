@@ -132,10 +132,15 @@ def wandb_png_image(rgb: np.ndarray, caption: str | None = None) -> Any:
 
 
 # --- the callback -----------------------------------------------------------------------------------------------
-def _layer_index(name: str, position: int) -> int:
-    """Global block index of an MoE layer from its qualified name (``model.layers.3.feed_forward`` -> 3)."""
-    match = re.search(r"(?:^|\.)layers\.(\d+)(?:\.|$)", name)
-    return int(match.group(1)) if match else position
+def layer_label(name: str, position: int) -> str:
+    """Metric label of an MoE layer from its qualified name: ``layer_{i}`` for transformer block ``i`` (its global
+    index, ``model.layers.3.feed_forward`` -> ``layer_3``), ``mtp_{k}`` for multi-token-prediction depth ``k``
+    (``model.mtp.layers.1.block.feed_forward``), else ``moe_{position}`` (position among the MoE layers)."""
+    if match := re.search(r"(?:^|\.)mtp\.layers\.(\d+)(?:\.|$)", name):
+        return f"mtp_{match.group(1)}"
+    if match := re.search(r"(?:^|\.)layers\.(\d+)(?:\.|$)", name):
+        return f"layer_{match.group(1)}"
+    return f"moe_{position}"
 
 
 def _every(step: int, interval: int | None) -> bool:
@@ -146,7 +151,8 @@ def _every(step: int, interval: int | None) -> bool:
 class ExpertLoadMonitor(Callback):
     """Logs how evenly each MoE layer spreads its tokens over the experts.
 
-    Every ``log_every_n_steps`` optimizer steps, for each MoE layer ``i`` (its global block index):
+    Every ``log_every_n_steps`` optimizer steps, for each MoE layer (``layer_{i}`` for transformer block ``i``,
+    ``mtp_{k}`` for the multi-token-prediction block of depth ``k``; see ``layer_label``):
 
     - ``moe/layer_{i}/imbalance``: max / mean tokens per expert in this step (1.0 is perfect balance);
     - ``moe/layer_{i}/imbalance_ema``: the same on the moving-average load;
@@ -194,11 +200,13 @@ class ExpertLoadMonitor(Callback):
         """[L, E] moving average of the tokens routed per optimizer step (identical on every rank)."""
         self.last_load: torch.Tensor | None = None
         """[L, E] tokens routed in the last optimizer step."""
-        self.layer_ids: list[int] = []
+        self.layer_labels: list[str] = []
+        """Metric label of each MoE layer, in model order (``layer_3``, ``mtp_1``)."""
         self._hooks: list[Any] = []
         self._entropy_sum: torch.Tensor | None = None  # [L] summed per-token entropies of this step
         self._entropy_count: torch.Tensor | None = None  # [L] tokens behind them
         self._measure_entropy = False
+        self._has_capacity = False
         self._last_step = -1
 
     def _log_interval(self, trainer: pl.Trainer) -> int:
@@ -209,7 +217,8 @@ class ExpertLoadMonitor(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
         layers = moe_layers(pl_module)
-        self.layer_ids = [_layer_index(name, k) for k, (name, _) in enumerate(layers)]
+        self.layer_labels = [layer_label(name, k) for k, (name, _) in enumerate(layers)]
+        self._has_capacity = any(getattr(m, "capacity_factor", None) is not None for _, m in layers)
         self._last_step = -1
         if not (self.entropy and layers):
             return
@@ -299,25 +308,24 @@ class ExpertLoadMonitor(Callback):
         stats = {"imbalance": imb, "imbalance_ema": imbalance(self.load_ema), "cv": coefficient_of_variation(load)}
         if entropy is not None:
             stats["entropy"] = entropy
-        has_capacity = any(getattr(m, "capacity_factor", None) is not None for _, m in moe_layers(pl_module))
-        if has_capacity:
+        if self._has_capacity:
             stats["dropped_frac"] = dropped.float() / load.sum(-1).clamp_min(1)
         values = {k: v.tolist() for k, v in stats.items()}  # one host sync per statistic, on logged steps only
         metrics: dict[str, float] = {}
-        for k, layer in enumerate(self.layer_ids):
+        for k, label in enumerate(self.layer_labels):
             for name, per_layer in values.items():
-                metrics[f"moe/layer_{layer}/{name}"] = per_layer[k]
+                metrics[f"moe/{label}/{name}"] = per_layer[k]
         metrics["moe/imbalance_max"] = max(values["imbalance"])
         metrics["moe/imbalance_ema_max"] = max(values["imbalance_ema"])
         metrics["moe/cv_max"] = max(values["cv"])
         if entropy is not None:
             metrics["moe/entropy_mean"] = sum(values["entropy"]) / len(values["entropy"])
-        if has_capacity:
+        if self._has_capacity:
             metrics["moe/dropped_frac"] = float(dropped.sum() / load.sum().clamp_min(1))
         if self.log_per_expert:
             for k, row in enumerate(self.load_ema.tolist()):
                 for j, tokens in enumerate(row):
-                    metrics[f"moe/layer_{self.layer_ids[k]}/expert_{j}/tokens"] = tokens
+                    metrics[f"moe/{self.layer_labels[k]}/expert_{j}/tokens"] = tokens
         # Direct logger calls on our own schedule (values logged with `self.log` off Lightning's logging steps would
         # be re-sent later, stale). `_batches_that_stepped` is the step Lightning logs this batch's metrics at.
         for logger in trainer.loggers:
@@ -330,9 +338,9 @@ class ExpertLoadMonitor(Callback):
         if not loggers:
             return
         rgb = load_heatmap(self.load_ema, self.heatmap_log2_range)
-        r = self.heatmap_log2_range
-        caption = (f"step {step + 1}: moving-average tokens per expert (columns, 0..{self.load_ema.shape[1] - 1}) "
-                   f"of MoE layers {self.layer_ids} (rows); colour log2(load / layer mean) from -{r:g} (blue) "
+        r, layers = self.heatmap_log2_range, ", ".join(self.layer_labels)
+        caption = (f"step {step}: moving-average tokens per expert (columns, 0..{self.load_ema.shape[1] - 1}) "
+                   f"of MoE layers {layers} (rows); colour log2(load / layer mean) from -{r:g} (blue) "
                    f"through 0 (white) to +{r:g} (red), scale in the bottom strip")
         for logger in loggers:
             logger.log_metrics({HEATMAP_KEY: wandb_png_image(rgb, caption)}, step=step)

@@ -22,8 +22,11 @@ Layout decisions (import; export is the exact inverse, so import(export(m)) give
 * Router: ``gate.weight`` is our ``router.gate.weight``; DeepSeek's ``e_score_correction_bias`` is our
   ``router.expert_bias``. Our router adds the bias for selection only while ``bias_update_speed > 0``, so DeepSeek
   imports set ``bias_update_speed=1e-3`` (DeepSeek-V3's gamma); pass ``bias_update_speed=...`` to change it.
-* MTP: DeepSeek checkpoints' extra layers (``model.layers.{num_hidden_layers}...``) are skipped on import and our
-  ``mtp.*`` weights are skipped on export (with a warning): their mapping is not written yet.
+* MTP (DeepSeek-V3): depth k is checkpoint layer ``num_hidden_layers + k - 1`` (``enorm``, ``hnorm``, ``eh_proj``,
+  ``shared_head.norm`` and a full decoder layer; its copies ``embed_tokens`` / ``shared_head.head`` of the main
+  embedding and head are written on export and not read on import, as our MTP shares them). Import sets
+  ``mtp_depth`` to the MTP layers present; transformers itself skips them. Other architectures have no MTP layers:
+  export drops ``mtp.*`` with a warning.
 
 Refused with a ``ValueError`` naming the setting: RoPE scaling (YaRN, linear, dynamic, ...), sliding-window
 attention shorter than the context, attention or MLP biases, activations other than SiLU, dense/MoE layer patterns
@@ -199,8 +202,11 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     return ModelConfig(**kw, extra=extra)
 
 
-def config_to_hf(cfg: ModelConfig, arch: str) -> dict[str, Any]:
-    """The ``config.json`` dict of ``arch`` for our config (raises ``ValueError`` if ``arch`` cannot express it)."""
+def config_to_hf(cfg: ModelConfig, arch: str, mtp_depth: int = 0) -> dict[str, Any]:
+    """The ``config.json`` dict of ``arch`` for our config (raises ``ValueError`` if ``arch`` cannot express it).
+
+    ``mtp_depth``: DeepSeek MTP layers written after the main ones (``num_nextn_predict_layers``).
+    """
     _check_exportable(cfg, arch)
     hf: dict[str, Any] = dict(
         architectures=[HF_CLASSES[arch]], model_type=arch, vocab_size=cfg.vocab_size, hidden_size=cfg.dim,
@@ -227,7 +233,8 @@ def config_to_hf(cfg: ModelConfig, arch: str) -> dict[str, Any]:
                   n_shared_experts=cfg.num_shared_experts, num_experts_per_tok=cfg.top_k,
                   first_k_dense_replace=cfg.n_dense_layers, norm_topk_prob=cfg.route_norm and cfg.top_k > 1,
                   routed_scaling_factor=cfg.route_scale, n_group=cfg.n_group, topk_group=cfg.topk_group,
-                  scoring_func="sigmoid", topk_method="noaux_tc", rope_interleave=True, num_nextn_predict_layers=0)
+                  scoring_func="sigmoid", topk_method="noaux_tc", rope_interleave=True,
+                  num_nextn_predict_layers=mtp_depth)
     hf[_OWN_KEY] = {k: getattr(cfg, k) for k in _TRAINING_KEYS}
     return hf
 
@@ -276,14 +283,35 @@ def _permute_rope_rows(w: torch.Tensor, group: int, rope_dim: int, order: torch.
     return torch.cat([blocks[:, : group - rope_dim], rope], dim=1).reshape(w.shape)
 
 
-def _renames(cfg: ModelConfig, arch: str) -> Iterator[tuple[str, str]]:
+@dataclasses.dataclass(frozen=True)
+class _Block:
+    ours: str
+    """Our key prefix of a transformer block: "layers.3." or "mtp.layers.1.block."."""
+    hf: str
+    """Its HF key prefix: "model.layers.3."."""
+    moe: bool
+
+
+def _blocks(cfg: ModelConfig, mtp_depth: int = 0) -> list[_Block]:
+    """The main blocks, then ``mtp_depth`` DeepSeek MTP blocks (depth k is checkpoint layer n_layers + k - 1)."""
+    blocks = [_Block(f"layers.{i}.", f"model.layers.{i}.", cfg.is_moe_layer(i)) for i in range(cfg.n_layers)]
+    blocks += [_Block(f"mtp.layers.{k}.block.", f"model.layers.{cfg.n_layers + k - 1}.", cfg.mtp_moe)
+               for k in range(1, mtp_depth + 1)]
+    return blocks
+
+
+def _renames(cfg: ModelConfig, arch: str, mtp_depth: int = 0) -> Iterator[tuple[str, str]]:
     """(our key, HF key) for every weight copied as it is (all but routed experts and tied heads)."""
     yield "tok_embeddings.weight", "model.embed_tokens.weight"
     yield "norm.weight", "model.norm.weight"
     if not cfg.tie_embeddings:
         yield "output.weight", "lm_head.weight"
-    for i in range(cfg.n_layers):
-        ours, hf = f"layers.{i}.", f"model.layers.{i}."
+    for k in range(1, mtp_depth + 1):
+        ours, hf = f"mtp.layers.{k}.", f"model.layers.{cfg.n_layers + k - 1}."
+        for a, b in dict(embed_norm="enorm", hidden_norm="hnorm", proj="eh_proj", norm="shared_head.norm").items():
+            yield f"{ours}{a}.weight", f"{hf}{b}.weight"
+    for block in _blocks(cfg, mtp_depth):
+        ours, hf = block.ours, block.hf
         yield ours + "attention_norm.weight", hf + "input_layernorm.weight"
         yield ours + "ffn_norm.weight", hf + "post_attention_layernorm.weight"
         att = {"wo": "o_proj"}
@@ -299,7 +327,7 @@ def _renames(cfg: ModelConfig, arch: str) -> Iterator[tuple[str, str]]:
             yield f"{ours}attention.{a}.weight", f"{hf}self_attn.{b}.weight"
         ffn = ours + "feed_forward."
         mlp = dict(w1="gate_proj", w3="up_proj", w2="down_proj")
-        if not cfg.is_moe_layer(i):
+        if not block.moe:
             for a, b in mlp.items():
                 yield f"{ffn}{a}.weight", f"{hf}mlp.{b}.weight"
             continue
@@ -312,21 +340,22 @@ def _renames(cfg: ModelConfig, arch: str) -> Iterator[tuple[str, str]]:
                 yield f"{ffn}shared_experts.{a}.weight", f"{moe}shared_experts.{b}.weight"
 
 
-def _rope_rows(cfg: ModelConfig) -> Iterator[tuple[str, int]]:
+def _rope_rows(cfg: ModelConfig, mtp_depth: int = 0) -> Iterator[tuple[str, int]]:
     """(our key, rows per block) of the MLA weights whose last qk_rope_head_dim rows of each block are rotary."""
     if cfg.attention != "mla":
         return
-    for i in range(cfg.n_layers):
-        q = "wq_b" if cfg.q_lora_rank else "wq"
-        yield f"layers.{i}.attention.{q}.weight", cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-        yield f"layers.{i}.attention.wkv_a.weight", cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    q = "wq_b" if cfg.q_lora_rank else "wq"
+    for block in _blocks(cfg, mtp_depth):
+        yield f"{block.ours}attention.{q}.weight", cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        yield f"{block.ours}attention.wkv_a.weight", cfg.kv_lora_rank + cfg.qk_rope_head_dim
 
 
 def state_dict_from_hf(cfg: ModelConfig, arch: str, get: Callable[[str], torch.Tensor | None],
-                       rope_interleave: bool = True) -> dict[str, torch.Tensor]:
+                       rope_interleave: bool = True, mtp_depth: int = 0) -> dict[str, torch.Tensor]:
     """Our state dict from HF tensors; ``get(hf_key)`` returns a tensor or None when the key is absent.
 
-    Every key ``get`` was asked for is then consumed; the caller checks that no other keys were left.
+    ``mtp_depth``: DeepSeek MTP layers to read (``mtp.*``; their copies of the embedding and head are not read).
+    The caller checks that no tensors were left unread.
     """
 
     def need(key: str) -> torch.Tensor:
@@ -336,22 +365,22 @@ def state_dict_from_hf(cfg: ModelConfig, arch: str, get: Callable[[str], torch.T
         return t
 
     sd: dict[str, torch.Tensor] = {}
-    for ours, hf in _renames(cfg, arch):
+    for ours, hf in _renames(cfg, arch, mtp_depth):
         if ours.endswith("router.expert_bias"):
             sd[ours] = need(hf).float()  # balancing bias stays fp32 (transformers keeps it fp32 too)
         else:
             sd[ours] = need(hf)
-    for i in range(cfg.n_layers):
-        if not cfg.is_moe_layer(i):
+    for block in _blocks(cfg, mtp_depth):
+        if not block.moe:
             continue
+        ours = f"{block.ours}feed_forward."
         if arch != "deepseek_v3":
-            sd[f"layers.{i}.feed_forward.router.expert_bias"] = torch.zeros(cfg.num_experts)
-        moe = f"model.layers.{i}.{_MOE_PREFIX.get(arch, 'mlp')}.experts."
-        ours = f"layers.{i}.feed_forward.experts."
+            sd[ours + "router.expert_bias"] = torch.zeros(cfg.num_experts)
+        moe = f"{block.hf}{_MOE_PREFIX.get(arch, 'mlp')}.experts."
         fused = get(moe + "gate_up_proj")
         if fused is not None:  # transformers 5 in-memory layout: gate_up_proj [E, 2H, D], down_proj [E, D, H]
-            sd[ours + "w13"] = fused.transpose(1, 2).contiguous()
-            sd[ours + "w2"] = need(moe + "down_proj").transpose(1, 2).contiguous()
+            sd[ours + "experts.w13"] = fused.transpose(1, 2).contiguous()
+            sd[ours + "experts.w2"] = need(moe + "down_proj").transpose(1, 2).contiguous()
             continue
         gate, up, down = _EXPERT_NAMES.get(arch, ("gate_proj", "up_proj", "down_proj"))
         w13, w2 = [], []
@@ -359,38 +388,47 @@ def state_dict_from_hf(cfg: ModelConfig, arch: str, get: Callable[[str], torch.T
             g, u = need(f"{moe}{e}.{gate}.weight"), need(f"{moe}{e}.{up}.weight")  # [H, D] each
             w13.append(torch.cat([g, u], dim=0).t())  # [D, 2H]
             w2.append(need(f"{moe}{e}.{down}.weight").t())  # [H, D]
-        sd[ours + "w13"] = torch.stack(w13)
-        sd[ours + "w2"] = torch.stack(w2)
+        sd[ours + "experts.w13"] = torch.stack(w13)
+        sd[ours + "experts.w2"] = torch.stack(w2)
     if cfg.tie_embeddings:
         sd["output.weight"] = sd["tok_embeddings.weight"]
     if rope_interleave:
         order = _rope_order(cfg.qk_rope_head_dim)
-        for key, group in _rope_rows(cfg):
+        for key, group in _rope_rows(cfg, mtp_depth):
             sd[key] = _permute_rope_rows(sd[key], group, cfg.qk_rope_head_dim, order)
     return sd
 
 
-def state_dict_to_hf(cfg: ModelConfig, arch: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF tensors (per-expert layout, interleaved DeepSeek rotary rows) from our full, plain state dict."""
+def state_dict_to_hf(cfg: ModelConfig, arch: str, sd: dict[str, torch.Tensor],
+                     mtp_depth: int = 0) -> dict[str, torch.Tensor]:
+    """HF tensors (per-expert layout, interleaved DeepSeek rotary rows) from our full, plain state dict.
+
+    DeepSeek-V3 gets ``mtp_depth`` MTP depths as layers ``num_hidden_layers + k - 1`` with their own copies of the
+    embedding and head, as DeepSeek releases them (transformers skips those layers; speculative decoders use them).
+    """
     sd = dict(sd)
     if arch == "deepseek_v3":
         inverse = torch.argsort(_rope_order(cfg.qk_rope_head_dim))
-        for key, group in _rope_rows(cfg):
+        for key, group in _rope_rows(cfg, mtp_depth):
             sd[key] = _permute_rope_rows(sd[key], group, cfg.qk_rope_head_dim, inverse)
     out: dict[str, torch.Tensor] = {}
-    for ours, hf in _renames(cfg, arch):
+    for ours, hf in _renames(cfg, arch, mtp_depth):
         out[hf] = sd[ours]
+    for k in range(1, mtp_depth + 1):
+        hf = f"model.layers.{cfg.n_layers + k - 1}."
+        out[hf + "embed_tokens.weight"] = sd["tok_embeddings.weight"]
+        out[hf + "shared_head.head.weight"] = sd["output.weight"]
     gate, up, down = _EXPERT_NAMES.get(arch, ("gate_proj", "up_proj", "down_proj"))
     h = cfg.moe_ffn_dim
-    for i in range(cfg.n_layers):
-        if not cfg.is_moe_layer(i):
+    for block in _blocks(cfg, mtp_depth):
+        if not block.moe:
             continue
-        bias = sd[f"layers.{i}.feed_forward.router.expert_bias"]
-        if arch != "deepseek_v3" and cfg.bias_update_speed > 0 and bool(bias.any()):
-            raise ValueError(f"arch={arch} has no router bias, but layer {i}'s expert_bias is non-zero "
+        ours = f"{block.ours}feed_forward."
+        if arch != "deepseek_v3" and cfg.bias_update_speed > 0 and bool(sd[ours + "router.expert_bias"].any()):
+            raise ValueError(f"arch={arch} has no router bias, but {ours}router.expert_bias is non-zero "
                              "(model.bias_update_speed > 0)")
-        moe = f"model.layers.{i}.{_MOE_PREFIX.get(arch, 'mlp')}.experts."
-        w13, w2 = sd[f"layers.{i}.feed_forward.experts.w13"], sd[f"layers.{i}.feed_forward.experts.w2"]
+        moe = f"{block.hf}{_MOE_PREFIX.get(arch, 'mlp')}.experts."
+        w13, w2 = sd[ours + "experts.w13"], sd[ours + "experts.w2"]
         for e in range(cfg.num_experts):
             out[f"{moe}{e}.{gate}.weight"] = w13[e, :, :h].t()
             out[f"{moe}{e}.{up}.weight"] = w13[e, :, h:].t()
@@ -399,6 +437,14 @@ def state_dict_to_hf(cfg: ModelConfig, arch: str, sd: dict[str, torch.Tensor]) -
 
 
 # ------------------------------------------------------------------------------------------------ files
+def _safetensors():
+    try:
+        import safetensors.torch  # noqa: PLC0415 - needed only for Hugging Face interop
+    except ImportError as err:
+        raise ImportError("Hugging Face import/export needs the safetensors package: pip install safetensors") from err
+    return safetensors
+
+
 def _tensor_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -417,17 +463,22 @@ def load_hf_checkpoint(folder: str | Path, **overrides: Any) -> tuple[ModelConfi
     ``overrides`` replace ModelConfig fields (``max_seq_len=4096``, ``expert_kernel="loop"``,
     ``bias_update_speed=0.0``, ``mtp_depth=1`` ...); the state dict keeps the checkpoint's dtypes.
     """
-    from safetensors import safe_open  # noqa: PLC0415 - optional until HF interop is used
-
+    safe_open = _safetensors().safe_open
     folder = Path(folder)
     hf = json.loads((folder / "config.json").read_text())
     cfg = config_from_hf(hf)
     cfg.extra["hf_source"] = str(folder)
-    if overrides:
-        cfg = dataclasses.replace(cfg, **overrides)
     arch = cfg.extra["hf_arch"]
     handles = [safe_open(str(path), framework="pt") for path in _tensor_files(folder)]
     where = {key: h for h in handles for key in h.keys()}
+    mtp_present = 0  # DeepSeek MTP layers stored after the main ones
+    while arch == "deepseek_v3" and f"model.layers.{cfg.n_layers + mtp_present}.eh_proj.weight" in where:
+        mtp_present += 1
+    if mtp_present:
+        cfg = dataclasses.replace(cfg, mtp_depth=mtp_present,
+                                  mtp_moe=f"model.layers.{cfg.n_layers}.mlp.gate.weight" in where)
+    if overrides:
+        cfg = dataclasses.replace(cfg, **overrides)
     asked: set[str] = set()
 
     def get(key: str) -> torch.Tensor | None:
@@ -437,7 +488,7 @@ def load_hf_checkpoint(folder: str | Path, **overrides: Any) -> tuple[ModelConfi
         return where[key].get_tensor(key) if key in where else None
 
     interleave = arch == "deepseek_v3" and bool(_HFConfig(arch, hf).get("rope_interleave"))
-    sd = state_dict_from_hf(cfg, arch, get, rope_interleave=interleave)
+    sd = state_dict_from_hf(cfg, arch, get, rope_interleave=interleave, mtp_depth=min(cfg.mtp_depth, mtp_present))
     left = set(where) - asked
     if cfg.tie_embeddings:
         left.discard("lm_head.weight")  # some writers store the tied head anyway
@@ -452,8 +503,8 @@ def from_hf(folder: str | Path, *, device: str | torch.device = "cpu", dtype: to
             **overrides: Any):
     """A ``MoETransformer`` with the weights of a Hugging Face folder (see ``load_hf_checkpoint``).
 
-    ``dtype`` casts the weights (the router's balancing bias stays fp32). MTP modules requested with
-    ``mtp_depth=...`` keep their fresh initialisation.
+    ``dtype`` casts the weights (the router's balancing bias stays fp32). MTP depths requested with
+    ``mtp_depth=...`` beyond those in the checkpoint keep their fresh initialisation.
     """
     from lightning_moe.models.transformer import MoETransformer  # noqa: PLC0415 - transformer imports moe
 
@@ -489,19 +540,19 @@ def export_hf(model: torch.nn.Module, folder: str | Path, arch: str | None = Non
     ``dtype`` casts the weights (default: as they are). Shards above ``max_shard_bytes`` go to
     ``model-0000k-of-0000n.safetensors`` with an index. Returns the folder.
     """
-    from safetensors.torch import save_file  # noqa: PLC0415
-
+    save_file = _safetensors().torch.save_file
     cfg: ModelConfig = model.cfg
     arch = arch or _infer_arch(cfg)
     if getattr(model, "tok_embeddings", None) is None or getattr(model, "output", None) is None:
         raise ValueError("export_hf needs the whole model (this looks like one pipeline stage)")
-    hf_cfg = config_to_hf(cfg, arch)
     sd = _full_state_dict(model)
-    skipped = sorted(k for k in sd if k.startswith("mtp."))
-    if skipped:
-        warnings.warn(f"export_hf: {len(skipped)} multi-token-prediction tensors (mtp.*) are not exported",
+    has_mtp = any(k.startswith("mtp.") for k in sd)
+    mtp_depth = cfg.mtp_depth if has_mtp and arch == "deepseek_v3" else 0
+    if has_mtp and not mtp_depth:
+        warnings.warn(f"export_hf: arch={arch} has no multi-token-prediction layers; mtp.* is not exported",
                       stacklevel=2)
-    tensors = state_dict_to_hf(cfg, arch, sd)
+    hf_cfg = config_to_hf(cfg, arch, mtp_depth)
+    tensors = state_dict_to_hf(cfg, arch, sd, mtp_depth)
     if dtype is not None:
         tensors = {k: v if k.endswith("e_score_correction_bias") else v.to(dtype) for k, v in tensors.items()}
     weight_dtype = tensors["model.embed_tokens.weight"].dtype

@@ -102,10 +102,13 @@ class MoETransformer(nn.Module):
         return logits, self.mtp(h, labels, self.tok_embeddings, self.output, self.rope)
 
     def moe_layers(self) -> Iterator[tuple[str, MoE]]:
-        """(layer key, MoE module) for every MoE layer held by this module."""
+        """(layer key, MoE module) for every MoE layer held by this module, MTP blocks last (key ``mtp.{k}``)."""
         for key, layer in self.layers.items():
             if isinstance(layer.feed_forward, MoE):
                 yield key, layer.feed_forward
+        for key, layer in (self.mtp.layers.items() if self.mtp is not None else ()):
+            if isinstance(layer.block.feed_forward, MoE):
+                yield f"mtp.{key}", layer.block.feed_forward
 
     # --- parameter counts (for MFU and reports) ---
     def num_params(self) -> int:

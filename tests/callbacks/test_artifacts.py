@@ -13,9 +13,18 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_moe import MoELanguageModel, ModelConfig, TokenDataModule
+from lightning_moe import ModelConfig, MoELanguageModel, TokenDataModule
 from lightning_moe.callbacks import WandbCheckpointArtifacts
 from tests.helpers.wandb_reader import iter_payloads
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is fastest, and robust when the CPU cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -30,6 +39,7 @@ def offline_wandb(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     wandb.teardown()
     yield tmp_path
+    wandb.finish()
     wandb.teardown()
 
 
@@ -44,6 +54,7 @@ def artifact_records(save_dir: Path) -> list:
     import wandb
     from wandb.proto import wandb_internal_pb2
 
+    wandb.finish()
     wandb.teardown()
     (log,) = Path(save_dir).glob("wandb/offline-run-*/run-*.wandb")
     records = []
@@ -157,6 +168,8 @@ def test_default_callbacks_config_has_it_off():
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.utils import instantiate
+
+    from lightning_moe.cli import schema  # noqa: F401 - registers the structured-config schemas
 
     GlobalHydra.instance().clear()
     with initialize_config_module(version_base="1.3", config_module="lightning_moe.conf"):

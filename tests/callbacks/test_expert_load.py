@@ -14,13 +14,27 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 
-from lightning_moe import MoELanguageModel, ModelConfig, TokenDataModule
+from lightning_moe import ModelConfig, MoELanguageModel, TokenDataModule
 from lightning_moe.callbacks import ExpertLoadMonitor
-from lightning_moe.callbacks.expert_load import coefficient_of_variation, encode_png, load_heatmap, routing_entropy
+from lightning_moe.callbacks.expert_load import (
+    coefficient_of_variation,
+    encode_png,
+    layer_label,
+    load_heatmap,
+    routing_entropy,
+)
 from lightning_moe.moe.balance import imbalance, moe_layers
 from tests.helpers.wandb_reader import read_run
 
 WHITE, RED, BLUE = (255, 255, 255), (178, 24, 43), (33, 102, 172)
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is fastest, and robust when the CPU cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def decode_png(data: bytes) -> np.ndarray:
@@ -63,6 +77,13 @@ def test_routing_entropy_softmax_and_sigmoid():
     assert routing_entropy(logits, "sigmoid").tolist() == pytest.approx(expected, abs=1e-5)
     with pytest.raises(ValueError, match="score_func"):
         routing_entropy(logits, "relu")
+
+
+def test_layer_labels_name_blocks_by_global_index_and_mtp_by_depth():
+    assert layer_label("model.layers.3.feed_forward", 0) == "layer_3"
+    assert layer_label("model.layers.12._checkpoint_wrapped_module.feed_forward", 0) == "layer_12"
+    assert layer_label("model.mtp.layers.1.block.feed_forward", 4) == "mtp_1"
+    assert layer_label("moe", 2) == "moe_2"
 
 
 # --- heatmap ---
@@ -149,7 +170,7 @@ def test_monitor_statistics_in_a_fit_with_gradient_accumulation():
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(MoELanguageModel(cfg), datamodule=data)
 
-    assert monitor.layer_ids == [1, 2]  # global block indices of the MoE layers
+    assert monitor.layer_labels == ["layer_1", "layer_2"]  # global block indices of the MoE layers
     assert len(spy.loads) == 6
     for load in spy.loads:  # one optimizer step = 2 micro-batches of 4 x 16 tokens, 2 experts each
         assert load.sum(-1).tolist() == [2 * 4 * 16 * 2] * 2
@@ -214,6 +235,7 @@ def test_offline_wandb_run_has_expert_load_metrics_and_heatmap(tmp_path, monkeyp
     try:
         run(cfg)
     finally:
+        wandb.finish()
         wandb.teardown()  # the transaction log is complete only after teardown (or process exit)
 
     (run_dir,) = (out / "wandb").glob("offline-run-*")
@@ -235,7 +257,7 @@ def test_offline_wandb_run_has_expert_load_metrics_and_heatmap(tmp_path, monkeyp
         rgb = decode_png(path.read_bytes())
         # 2 MoE layers x 4 experts: cells of 32 x 32 pixels, a 2-pixel gap and a 16-pixel colour scale
         assert rgb.shape == (row["moe/load_heatmap/height"], row["moe/load_heatmap/width"], 3) == (82, 128, 3)
-        assert "MoE layers [1, 2]" in row["moe/load_heatmap/caption"]
+        assert "MoE layers layer_1, layer_2 (rows)" in row["moe/load_heatmap/caption"]
     assert sorted(p.name.split("_")[0] for p in (run_dir / "files" / "media" / "images" / "moe").iterdir()) == [
         "load", "load"]
     assert json.loads((out / "metrics.json").read_text())["global_step"] == 6

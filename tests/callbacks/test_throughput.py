@@ -7,13 +7,21 @@ import torch
 from lightning.pytorch.loggers import Logger
 from torch import nn
 
-from lightning_moe import MoELanguageModel, ModelConfig, MoETransformer, TokenDataModule
+from lightning_moe import ModelConfig, MoELanguageModel, MoETransformer, TokenDataModule
 from lightning_moe.callbacks import ThroughputMonitor
 from lightning_moe.flops import active_matmul_params, training_flops_per_token
 
 # 2 layers: block 0 dense, block 1 MoE. Head size 16 / 2 = 8, one key/value head.
 TINY = dict(vocab_size=32, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, n_dense_layers=1, dense_ffn_dim=24,
             num_experts=4, top_k=2, moe_ffn_dim=8, num_shared_experts=1, max_seq_len=16)
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is fastest, and robust when the CPU cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class RecordingLogger(Logger):

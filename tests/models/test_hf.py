@@ -107,6 +107,37 @@ def test_deepseek_rotary_layout_matters(tmp_path, seed):
     assert diff > 1e-3
 
 
+def test_deepseek_mtp_layers_round_trip(tmp_path, seed):
+    """Our MTP depth k is written as DeepSeek's layer num_hidden_layers + k - 1 and read back; transformers skips it."""
+    hf = hf_model("deepseek_v3")
+    hf.save_pretrained(tmp_path / "hf")
+    model = from_hf(tmp_path / "hf", mtp_depth=1).eval()  # fresh MTP depth on the imported weights
+    with torch.no_grad():
+        for p in model.mtp.parameters():
+            p.normal_(std=0.1)
+    export_hf(model, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert config["num_nextn_predict_layers"] == 1
+    n = config["num_hidden_layers"]
+    cfg, sd = load_hf_checkpoint(tmp_path / "ours")
+    assert cfg.mtp_depth == 1 and cfg.mtp_moe
+    ours = model.state_dict()
+    assert sd.keys() == ours.keys() and any(k.startswith("mtp.") for k in sd)
+    assert all(torch.equal(sd[k], v) for k, v in ours.items())
+    _, hf_sd = load_hf_checkpoint(tmp_path / "ours", mtp_depth=0)  # the MTP layer is then skipped
+    assert not any(k.startswith("mtp.") for k in hf_sd)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "ours" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert torch.equal(f.get_tensor(f"model.layers.{n}.embed_tokens.weight"), ours["tok_embeddings.weight"])
+    assert {f"model.layers.{n}.{k}.weight" for k in ("enorm", "hnorm", "eh_proj", "shared_head.norm",
+                                                      "shared_head.head", "mlp.gate")} <= keys
+    tokens = torch.randint(0, VOCAB, (2, SEQ))
+    back = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    torch.testing.assert_close(logits(back, tokens), logits(hf, tokens), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("case", ["mixtral", "deepseek_v3"])
 def test_fused_in_memory_expert_layout_imports(case, tmp_path, seed):
     """transformers 5 holds experts fused (experts.gate_up_proj [E, 2H, D]); such a dump imports the same."""

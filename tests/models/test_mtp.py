@@ -12,6 +12,7 @@ from lightning_moe.models.config import ModelConfig
 from lightning_moe.models.mtp import mtp_lambda, mtp_losses
 from lightning_moe.models.transformer import MoETransformer
 from lightning_moe.module import MoELanguageModel
+from lightning_moe.moe.balance import moe_layers
 
 V, D = 72, 32  # 72: no other weight dimension has this size
 
@@ -125,6 +126,21 @@ def test_mtp_loss_matches_hand_computation(seed, attention):
     torch.testing.assert_close(total, main_ce + 0.7 * torch.stack(per_depth).mean(), rtol=1e-5, atol=1e-6)
 
 
+def test_depth_k_sees_tokens_up_to_i_plus_k_only(seed):
+    """Changing token j changes depth k's logits from position j - k on (it embeds t[i+k]), none before."""
+    model = MoETransformer(_cfg(mtp_depth=3)).eval()
+    tokens = torch.randint(0, V, (2, 20))  # t[0..19]: inputs t[0..18], depth k positions 0..18-k
+    j = int(torch.randint(3, 19, ()))
+    other = tokens.clone()
+    other[:, j] = (tokens[:, j] + 1) % V
+    with torch.no_grad():
+        _, before = model(tokens[:, :-1], labels=tokens[:, 1:])
+        _, after = model(other[:, :-1], labels=other[:, 1:])
+    for k in range(1, 4):
+        torch.testing.assert_close(after[k - 1][:, :j - k], before[k - 1][:, :j - k], rtol=0, atol=1e-6)
+        assert (after[k - 1][:, j - k] - before[k - 1][:, j - k]).abs().max() > 1e-3
+
+
 def test_depth_k_predicts_k_plus_one_ahead(seed):
     """With MTP modules that copy a Markov model, depth k's logits at position i are the main logits at i + k."""
     torch.manual_seed(seed)
@@ -153,12 +169,21 @@ def test_mtp_gradients_reach_the_one_shared_embedding_and_head(seed, tie):
     assert model.norm.weight.grad is None
 
 
+@pytest.mark.parametrize("mtp_moe", [True, False])
+def test_mtp_blocks_follow_mtp_moe_and_join_expert_balancing(mtp_moe):
+    model = MoETransformer(_cfg(mtp_depth=2, mtp_moe=mtp_moe))
+    keys = [key for key, _ in model.moe_layers()]
+    assert keys == (["1", "mtp.1", "mtp.2"] if mtp_moe else ["1"])
+    assert [m for _, m in model.moe_layers()] == [m for _, m in moe_layers(model)]  # same layers, same order
+
+
 def test_lambda_schedule_and_config_errors():
     cfg = _cfg(mtp_lambda=0.3, mtp_lambda_final=0.1, mtp_lambda_switch_step=100)
     assert [mtp_lambda(cfg, s) for s in (0, 99, 100, 5000)] == [0.3, 0.3, 0.1, 0.1]
     assert mtp_lambda(_cfg(mtp_lambda=0.2), 10**6) == 0.2
-    for bad, key in [(dict(mtp_lambda=-1.0), "model.mtp_lambda"), (dict(mtp_lambda_final=-0.1), "model.mtp_lambda_final"),
-                     (dict(mtp_depth=96), "model.mtp_depth"), (dict(mtp_lambda_switch_step=-1), "model.mtp_lambda_switch_step")]:
+    bad_values = [(dict(mtp_lambda=-1.0), "model.mtp_lambda="), (dict(mtp_lambda_final=-0.1), "mtp_lambda_final"),
+                  (dict(mtp_depth=96), "model.mtp_depth"), (dict(mtp_lambda_switch_step=-1), "mtp_lambda_switch_step")]
+    for bad, key in bad_values:
         with pytest.raises(ConfigError, match=key):
             _cfg(**bad)
 
