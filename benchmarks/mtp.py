@@ -130,7 +130,8 @@ def main() -> None:
         f"{dec['prompt_len']} bytes, {dec['new_tokens']} new tokens each:\n\n"
         f"- identical to greedy decoding: {dec['same']}/{dec['n_prompts']} sequences\n"
         f"- draft acceptance rate (accepted / proposed drafts): **{dec['acceptance']:.3f}** "
-        f"({dec['accepted']}/{dec['proposed']}); per depth (accepted when all shallower drafts were): {depth_rates}\n"
+        f"({dec['accepted']}/{dec['proposed']}); share of each depth's drafts accepted (a depth-k draft is "
+        f"accepted only with depths 1..k-1): {depth_rates}\n"
         f"- tokens per main-model forward: {dec['tokens_per_step']:.2f} (greedy: 1.00)\n"
         f"- wall clock without KV cache (CPU, whole-prefix recompute): greedy {dec['greedy_s']:.2f} s, "
         f"speculative {dec['spec_s']:.2f} s\n")
@@ -168,6 +169,10 @@ embedding of token i+k, and predicts token i+k+1:
 - Pipeline parallelism: MTP needs only the main model's last hidden states, the targets and the shared
   embedding/head, so it belongs on the last stage, next to the output head (that stage then also needs the
   embedding weight, tied to the first stage's as in DeepSeek-V3).
+- DeepSeek-V3 checkpoints (`lightning_moe/models/hf.py`): depth k is checkpoint layer
+  `num_hidden_layers + k - 1`; its `enorm`, `hnorm`, `eh_proj`, `shared_head.norm` and decoder layer are our
+  `embed_norm`, `hidden_norm`, `proj`, `norm` and `block`; its copies of `embed_tokens` and
+  `shared_head.head` are not read.
 
 ## API
 
@@ -221,18 +226,16 @@ seed and data with and without MTP. The MTP run uses {depth} depths with lambda 
 Reading the numbers:
 
 - `train/loss` and `val/loss` are the main loss in both runs. At this scale and length MTP neither helps nor hurts
-  the main model measurably; DeepSeek-V3 reports its gains for large models trained much longer.
+  the main model measurably; DeepSeek-V3's reported gains come from models of billions of parameters
+  trained on far more tokens.
 - The MTP losses sit *below* the main loss here. No target leaks (tests check that depth k at position i sees only
   tokens up to i+k): depth k predicts token i+k+1 from the same tokens as the main model at position i+k, but
   through the 2 main blocks *plus* k MTP blocks, a deeper network than the 2-block main model, and its mean skips
   the first k targets, which have the least context.
 - Speculative decoding returns the greedy tokens with fewer main-model forwards (tokens per forward above). Without
   a KV cache every step also reruns each MTP depth over the whole prefix, and on this 2-block model one MTP block
-  costs half a main forward, so the wall clock gains little; with a KV cache and a deep main model the drafts cost
-  a small fraction of a verify step.
-- Importing DeepSeek-V3's MTP weights would map `model.layers.{{N}}.enorm / hnorm / eh_proj / shared_head.norm` to
-  `mtp.layers.1.embed_norm / hidden_norm / proj / norm`, the block weights to `mtp.layers.1.block.*`, and drop its
-  copies of `embed_tokens` and `shared_head.head` (`lightning_moe/models/hf.py` skips them for now).
+  costs half a main forward, so here it is no faster in wall-clock time; with a KV cache and a deep main model
+  the drafts cost a small fraction of a verify step.
 """
 
 

@@ -30,8 +30,10 @@ Layout decisions (import; export is the exact inverse, so import(export(m)) give
 
 Refused with a ``ValueError`` naming the setting: RoPE scaling (YaRN, linear, dynamic, ...), sliding-window
 attention shorter than the context, attention or MLP biases, activations other than SiLU, dense/MoE layer patterns
-other than "first k dense", top-1 routing with renormalised weights (our router keeps the raw score for k=1), and
-DeepSeek's MLA norms with an epsilon other than 1e-6 (transformers and the reference code hard-code it there).
+other than "first k dense", top-1 routing with renormalised weights (our router keeps the raw score for k=1),
+DeepSeek routing other than sigmoid + ``noaux_tc``, MLA with fewer key/value heads than heads, and DeepSeek's MLA
+norms with an epsilon other than 1e-6 (transformers and the reference code hard-code it there). transformers'
+training-time knobs (dropout, ``router_jitter_noise``, ``router_aux_loss_coef``) are not read.
 """
 
 from __future__ import annotations
@@ -499,28 +501,55 @@ def load_hf_checkpoint(folder: str | Path, **overrides: Any) -> tuple[ModelConfi
     return cfg, sd
 
 
-def from_hf(folder: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+def from_hf(folder: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
             **overrides: Any):
     """A ``MoETransformer`` with the weights of a Hugging Face folder (see ``load_hf_checkpoint``).
 
-    ``dtype`` casts the weights (the router's balancing bias stays fp32). MTP depths requested with
-    ``mtp_depth=...`` beyond those in the checkpoint keep their fresh initialisation.
+    The model is built on the meta device and takes the checkpoint's tensors (no random initialisation, no second
+    copy), cast to ``dtype`` (fp32 master weights by default; the router's balancing statistics are always fp32).
+    MTP depths requested with ``mtp_depth=...`` beyond those in the checkpoint are freshly initialised.
     """
     from lightning_moe.models.transformer import MoETransformer  # noqa: PLC0415 - transformer imports moe
 
     cfg, sd = load_hf_checkpoint(folder, **overrides)
-    with torch.device(device):
+    with torch.device("meta"):
         model = MoETransformer(cfg)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.startswith("mtp.")]
-    if missing or unexpected:
-        raise ValueError(f"state dict mismatch: missing {missing[:8]}, unexpected {unexpected[:8]}")
-    if dtype is not None:
-        model.to(dtype)
-        for _, moe in model.moe_layers():  # balancing statistics stay fp32
-            for name in ("expert_bias", "tokens_per_expert", "dropped_tokens"):
-                setattr(moe.router, name, getattr(moe.router, name).float())
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    fresh = [k for k in missing if k.startswith("mtp.")]
+    if len(fresh) < len(missing) or unexpected:
+        raise ValueError(f"state dict mismatch: missing {[k for k in missing if k not in fresh][:8]}, "
+                         f"unexpected {unexpected[:8]}")
+    if fresh:  # MTP depths the checkpoint lacks: built for real, so that they get their own initialisation
+        with torch.device(device):
+            new = type(model.mtp)(cfg).state_dict()
+        model.load_state_dict({k: new[k.removeprefix("mtp.")] for k in fresh}, strict=False, assign=True)
+    if cfg.tie_embeddings:  # assign=True gave the two modules separate Parameters: share one again
+        model.output.weight = model.tok_embeddings.weight
+    _materialize_buffers(model, device)
+    model.to(device=device, dtype=dtype)
+    model.rope.float()  # RoPE tables and ...
+    for _, moe in model.moe_layers():  # ... balancing statistics stay fp32
+        for name in ("expert_bias", "tokens_per_expert", "dropped_tokens"):
+            setattr(moe.router, name, getattr(moe.router, name).float())
     return model
+
+
+def _materialize_buffers(model: torch.nn.Module, device: str | torch.device) -> None:
+    """Real storage for the non-persistent buffers that no checkpoint holds: a module made only of them (the RoPE
+    tables) recomputes them with ``reset_parameters``; elsewhere they are statistics that start at zero."""
+    for module in model.modules():
+        own = dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
+        meta = [name for name, t in own.items() if t is not None and t.is_meta]
+        if not meta:
+            continue
+        if any(name in module._parameters for name in meta):
+            raise ValueError(f"{type(module).__name__}: parameters {meta} are not in the checkpoint")
+        if len(meta) == len(own) and hasattr(module, "reset_parameters"):
+            module.to_empty(device=device, recurse=False)
+            module.reset_parameters()
+        else:
+            for name in meta:
+                module._buffers[name] = torch.zeros_like(module._buffers[name], device=device)
 
 
 def _full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

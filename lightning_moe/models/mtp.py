@@ -53,10 +53,16 @@ class MTPLayer(nn.Module):
             norm.reset_parameters()
         nn.init.normal_(self.proj.weight, std=self.init_std)
 
-    def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """h_prev: [B, L, D] previous depth's hidden; emb: [B, L, D] embeddings of the tokens k ahead -> [B, L, D]."""
+    def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                output: nn.Module | None = None):
+        """h_prev: [B, L, D] previous depth's hidden; emb: [B, L, D] embeddings of the tokens k ahead -> [B, L, D].
+
+        With ``output`` (the shared head) also returns this depth's logits [B, L, V], computed inside this call so
+        that a sharded (FSDP) layer still has its norm gathered.
+        """
         x = self.proj(torch.cat([self.embed_norm(emb), self.hidden_norm(h_prev)], dim=-1))
-        return self.block(x, rope)
+        h = self.block(x, rope)
+        return h if output is None else (h, self.logits(h, output))
 
     def logits(self, h: torch.Tensor, output: nn.Module) -> torch.Tensor:
         """h: [B, L, D] this depth's hidden -> [B, L, V] through its own norm and the shared head."""
@@ -88,8 +94,8 @@ class MultiTokenPrediction(nn.Module):
         out = []
         for k, layer in self.layers.items():
             n = s - int(k)
-            h = layer(h[:, :n], embed(labels[:, int(k) - 1:int(k) - 1 + n]), rope(n))
-            out.append(layer.logits(h, output))
+            h, logits = layer(h[:, :n], embed(labels[:, int(k) - 1:int(k) - 1 + n]), rope(n), output)
+            out.append(logits)
         return out
 
 

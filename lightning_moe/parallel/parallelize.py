@@ -20,9 +20,18 @@ def _checkpointed_forward(forward, *args, **kwargs):
     return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The main blocks, then the blocks of the multi-token-prediction modules (if any)."""
+    blocks = list(model.layers.values())
+    mtp = getattr(model, "mtp", None)
+    if mtp is not None:
+        blocks += [layer.block for layer in mtp.layers.values()]
+    return blocks
+
+
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each transformer block in backward. Wraps ``forward`` in place, so parameter names don't change."""
-    for block in model.layers.values():
+    for block in transformer_blocks(model):
         block.forward = functools.partial(_checkpointed_forward, block.forward)
 
 
@@ -72,17 +81,19 @@ def parallelize(model: nn.Module, dims: ParallelDims, meshes: Meshes | None, *, 
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
-        for block in model.layers.values():
+        for block in transformer_blocks(model):
             block.compile()
     if dims.fsdp_enabled:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: PLC0415
 
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
         dense_mesh, expert_mesh = meshes.dense, meshes.expert_dp
-        for block in model.layers.values():
-            moe = block.feed_forward if isinstance(block.feed_forward, MoE) else None
-            if moe is not None and dims.ep > 1:
-                fully_shard(moe.experts, mesh=expert_mesh, mp_policy=mp)
-            fully_shard(block, mesh=dense_mesh, mp_policy=mp)
+        mtp = getattr(model, "mtp", None)
+        units = list(model.layers.values()) + (list(mtp.layers.values()) if mtp is not None else [])
+        for unit in units:  # a block, or an MTP layer (norms + projection + block)
+            for moe in (m for m in unit.modules() if isinstance(m, MoE)):
+                if dims.ep > 1:
+                    fully_shard(moe.experts, mesh=expert_mesh, mp_policy=mp)
+            fully_shard(unit, mesh=dense_mesh, mp_policy=mp)
         fully_shard(model, mesh=dense_mesh, mp_policy=mp)
     return model

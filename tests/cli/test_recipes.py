@@ -2,6 +2,7 @@
 SLURM launcher renders the submission it would make."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,16 @@ def _clear_hydra():
     GlobalHydra.instance().clear()
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy 2-core machine two spinning OpenMP threads
+    made one 2-step run take 15-20 s instead of 1 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _uses_moe_strategy(recipe: str) -> bool:
     return "override /strategy: moe" in (ROOT / "recipes" / "recipe" / f"{recipe}.yaml").read_text()
 
@@ -73,8 +84,27 @@ def test_recipe_composes_to_valid_model_and_strategy(recipe):
     assert model.num_active_params() / 1e9 == pytest.approx(active, rel=0.02)
 
 
+@pytest.mark.skipif(not HAS_MOE_STRATEGY, reason="conf/strategy/moe.yaml is not in this checkout yet")
+def test_gpu_recipes_default_data_fills_every_rank():
+    """`lightning-moe-train recipe=<name>` alone must run: the default (byte) data gives every data-parallel rank at
+    least one batch of training and validation windows."""
+    from lightning_moe.data.datamodule import WindowDataset, WindowSampler
+
+    recipes = [r for r in RECIPES if _uses_moe_strategy(r)]
+    sources = {}
+    for recipe in recipes:
+        cfg = _compose(f"recipe={recipe}")
+        key = OmegaConf.to_yaml(cfg.data.source)
+        if key not in sources:
+            sources[key] = instantiate(cfg.data.source, _convert_="all")()
+        world = cfg.trainer.devices * cfg.trainer.num_nodes
+        for tokens, shuffle in zip(sources[key], (True, False)):
+            sampler = WindowSampler(WindowDataset(tokens, cfg.data.seq_len), world, world - 1, shuffle=shuffle)
+            assert len(sampler) >= cfg.data.batch_size, (recipe, shuffle, len(sampler))
+
+
 @pytest.mark.parametrize("recipe", CPU_RECIPES)
-def test_cpu_recipe_trains(recipe, tmp_path):
+def test_cpu_recipe_trains(recipe, tmp_path, one_thread):
     cfg = _compose(f"recipe={recipe}", "logger=none", "trainer.max_steps=2", "trainer.val_check_interval=2",
                    "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
                    f"hydra.run.dir={tmp_path}", hydra_config=True)
@@ -93,7 +123,8 @@ def test_multirun_sweep(tmp_path):
     cmd = [sys.executable, "-m", "lightning_moe.train", "-m", "recipe=tiny", "model.top_k=1,2", "trainer.max_steps=2",
            "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
            "logger=none", f"hydra.sweep.dir={sweep}"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # see one_thread
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for job, top_k in ((0, 1), (1, 2)):
         assert json.loads((sweep / str(job) / "metrics.json").read_text())["global_step"] == 2

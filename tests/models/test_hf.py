@@ -77,6 +77,8 @@ def test_import_matches_transformers_and_export_round_trips(case, tmp_path, seed
 
     model = from_hf(tmp_path / "hf").eval()
     assert model.cfg.extra["hf_arch"] == hf.config.model_type
+    assert all(t.dtype == torch.float32 and t.device.type == "cpu" for t in model.state_dict().values())
+    assert (model.output.weight is model.tok_embeddings.weight) == hf.config.tie_word_embeddings
     torch.testing.assert_close(logits(model, tokens), expected, atol=1e-4, rtol=1e-4)
 
     export_hf(model, tmp_path / "ours")
@@ -112,6 +114,10 @@ def test_deepseek_mtp_layers_round_trip(tmp_path, seed):
     hf = hf_model("deepseek_v3")
     hf.save_pretrained(tmp_path / "hf")
     model = from_hf(tmp_path / "hf", mtp_depth=1).eval()  # fresh MTP depth on the imported weights
+    fresh = dict(model.mtp.named_parameters())
+    assert fresh and all(t.device.type == "cpu" and torch.isfinite(t).all() for t in fresh.values())
+    # the model's own init (init_std = initializer_range 0.1), not PyTorch's default (std 0.072 for 64 inputs)
+    assert abs(fresh["layers.1.proj.weight"].std().item() - model.cfg.init_std) < 0.015
     with torch.no_grad():
         for p in model.mtp.parameters():
             p.normal_(std=0.1)

@@ -134,3 +134,23 @@ def _node_limited_worker(rank: int, world_size: int, seed: int) -> None:
 
 def test_node_limited_routing_keeps_tokens_on_one_node(seed):
     run_workers(_node_limited_worker, 4, seed)
+
+
+def _mtp_worker(rank: int, world_size: int, seed: int) -> None:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, num_experts=4, top_k=2, moe_ffn_dim=16,
+                      max_seq_len=16, mtp_depth=1)
+    ref = MoETransformer(cfg)
+    model = copy.deepcopy(ref)
+    dims = ParallelDims(dp_shard=2, ep=2, world_size=world_size)
+    parallelize(model, dims, dims.build_meshes("cpu"))
+    tokens = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(seed + rank))
+    logits, mtp_logits = model(tokens[:, :-1], labels=tokens[:, 1:])
+    ref_logits, ref_mtp = ref(tokens[:, :-1], labels=tokens[:, 1:])
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mtp_logits[0], ref_mtp[0], rtol=1e-5, atol=1e-5)
+    (logits.sum() + mtp_logits[0].sum()).backward()
+
+
+def test_mtp_modules_are_parallelized_too(seed):
+    run_workers(_mtp_worker, 2, seed)
