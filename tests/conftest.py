@@ -8,7 +8,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_CONSOLE", "off")
 os.environ.pop("WANDB_API_KEY", None)
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)  # CI has 2 cores, and multi-process tests share them
 
 
 @pytest.fixture

@@ -56,10 +56,14 @@ def _worker(rank: int, world_size: int, seed: int, sizes: dict) -> None:
         norm = clip_grad_norm_(list(model.parameters()), 0.5)
         mean_loss = loss.detach().clone()
         dist.all_reduce(mean_loss, group=dp_group)
-        torch.testing.assert_close(mean_loss / dims.dp, loss_ref.detach(), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(norm, norm_ref, rtol=1e-4, atol=1e-6)
+        # Step 0 starts from identical weights; later steps from weights equal up to fp32 reduction order, which
+        # Adam can amplify in near-zero gradients and which can flip a near-tied top-k choice: looser there.
+        rtol, atol = (1e-5, 1e-6) if step == 0 else (1e-3, 1e-4)
+        torch.testing.assert_close(mean_loss / dims.dp, loss_ref.detach(), rtol=rtol, atol=atol)
+        torch.testing.assert_close(norm, norm_ref, rtol=max(rtol, 1e-4), atol=atol)
         for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
-            torch.testing.assert_close(_full(p.grad), p_ref.grad, rtol=1e-4, atol=1e-6, msg=f"grad {name}")
+            torch.testing.assert_close(_full(p.grad), p_ref.grad, rtol=max(rtol, 1e-4), atol=atol,
+                                       msg=f"grad {name} at step {step}")
         opt_ref.step()
         opt_ref.zero_grad()
         opt.step()
@@ -68,7 +72,7 @@ def _worker(rank: int, world_size: int, seed: int, sizes: dict) -> None:
         load, _ = collect_expert_load(model, dp_group)
         update_expert_biases(model, load)
     for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(_full(p.detach()), p_ref.detach(), rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"param {name}: {m}")
+        torch.testing.assert_close(_full(p.detach()), p_ref.detach(), rtol=1e-3, atol=1e-4, msg=lambda m, name=name: f"param {name}: {m}")
     for (_, m), (_, m_ref) in zip(model.moe_layers(), ref.moe_layers()):
         assert torch.any(m_ref.router.expert_bias != 0)
         torch.testing.assert_close(m.router.expert_bias, m_ref.router.expert_bias)
