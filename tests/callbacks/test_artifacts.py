@@ -15,16 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_moe import ModelConfig, MoELanguageModel, TokenDataModule
 from lightning_moe.callbacks import WandbCheckpointArtifacts
-from tests.helpers.wandb_reader import iter_payloads
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is fastest, and robust when the CPU cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.helpers.wandb_reader import isolate_wandb, iter_payloads
 
 
 @pytest.fixture
@@ -32,11 +23,7 @@ def offline_wandb(tmp_path, monkeypatch):
     """W&B offline, its staging area and cache under tmp_path; torn down so the transaction log is complete."""
     import wandb
 
-    for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off",
-                       "WANDB_DATA_DIR": str(tmp_path / "wandb-data"),
-                       "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache")}.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    isolate_wandb(tmp_path, monkeypatch)
     wandb.teardown()
     yield tmp_path
     wandb.finish()

@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import Logger
 
 from lightning_moe import ModelConfig, MoELanguageModel, TokenDataModule
 from lightning_moe.callbacks import ExpertLoadMonitor
@@ -24,18 +23,10 @@ from lightning_moe.callbacks.expert_load import (
     routing_entropy,
 )
 from lightning_moe.moe.balance import imbalance, moe_layers
-from tests.helpers.wandb_reader import read_run
+from tests.helpers.loggers import RecordingLogger
+from tests.helpers.wandb_reader import isolate_wandb, read_run
 
 WHITE, RED, BLUE = (255, 255, 255), (178, 24, 43), (33, 102, 172)
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is fastest, and robust when the CPU cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def decode_png(data: bytes) -> np.ndarray:
     """uint8 [H, W, 3] from an 8-bit RGB PNG without row filters (what ``encode_png`` writes); checks the CRCs."""
@@ -104,24 +95,7 @@ def test_heatmap_colours_and_png_round_trip():
 
 
 # --- the callback in a CPU fit ---
-class RecordingLogger(Logger):
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int, dict]] = []
 
-    @property
-    def name(self) -> str:
-        return "recording"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.rows.append((step, dict(metrics)))
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
 
 
 class RouterSpy(Callback):
@@ -215,11 +189,7 @@ def test_offline_wandb_run_has_expert_load_metrics_and_heatmap(tmp_path, monkeyp
 
     from lightning_moe.cli.train import run
 
-    for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off",
-                       "WANDB_DATA_DIR": str(tmp_path / "wandb-data"),
-                       "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache")}.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    isolate_wandb(tmp_path, monkeypatch)
     tokens = tmp_path / "train.bin"
     np.random.default_rng(0).integers(0, 256, 20_000, dtype=np.uint16).tofile(tokens)
     out = tmp_path / "run"

@@ -4,46 +4,18 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.loggers import Logger
 from torch import nn
 
 from lightning_moe import ModelConfig, MoELanguageModel, MoETransformer, TokenDataModule
 from lightning_moe.callbacks import ThroughputMonitor
 from lightning_moe.flops import active_matmul_params, training_flops_per_token
+from tests.helpers.loggers import RecordingLogger
 
 # 2 layers: block 0 dense, block 1 MoE. Head size 16 / 2 = 8, one key/value head.
 TINY = dict(vocab_size=32, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, n_dense_layers=1, dense_ffn_dim=24,
             num_experts=4, top_k=2, moe_ffn_dim=8, num_shared_experts=1, max_seq_len=16)
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is fastest, and robust when the CPU cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
-
-class RecordingLogger(Logger):
-    """Keeps every ``log_metrics`` call as (step, metrics)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int, dict]] = []
-
-    @property
-    def name(self) -> str:
-        return "recording"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.rows.append((step, dict(metrics)))
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
 
 
 def test_training_flops_per_token_matches_a_hand_count():

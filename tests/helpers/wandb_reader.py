@@ -16,6 +16,15 @@ BLOCK = 32 * 1024
 HEADER = 7
 
 
+def isolate_wandb(tmp_path: Path, monkeypatch) -> None:
+    """W&B offline and silent, with its staging area and cache under ``tmp_path`` and no API key."""
+    for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off",
+                       "WANDB_DATA_DIR": str(tmp_path / "wandb-data"),
+                       "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache")}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+
+
 def iter_payloads(path: str | Path) -> Iterator[bytes]:
     data = Path(path).read_bytes()
     if data[:4] != b":W&B" or struct.unpack("<H", data[4:6])[0] != 0xBEE1:
