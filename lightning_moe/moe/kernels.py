@@ -12,7 +12,7 @@ against; ``grouped_mm`` (default) runs all experts in one ``torch.nn.functional.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -32,7 +32,7 @@ def clip_grad_norm_(parameters: Iterable[torch.nn.Parameter], max_norm: float,
         key = (g.device_mesh, g.placements) if isinstance(g, DTensor) else None
         groups[key].append(g)
     total_sq = None
-    for key, members in groups.items():
+    for members in groups.values():
         norms = torch._foreach_norm(members, 2.0)
         sq = torch.stack([n.full_tensor() if isinstance(n, DTensor) else n for n in norms]).float().square().sum()
         total_sq = sq if total_sq is None else total_sq + sq.to(total_sq.device)

@@ -26,8 +26,6 @@ Shapes: N routed rows of this rank, D hidden size, H expert hidden size, E globa
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
@@ -35,6 +33,7 @@ from torch.distributed.tensor import DTensor, Shard
 from lightning_moe.moe.experts import RoutedExperts
 from lightning_moe.moe.kernels import loop_experts
 from lightning_moe.moe.layer import MoE
+from lightning_moe.parallel.comm import all_to_all_counts, all_to_all_rows
 
 __all__ = ["ExpertParallel", "apply_expert_parallel", "expert_major_order"]
 
@@ -145,9 +144,7 @@ class ExpertParallel(RoutedExperts):
         counts = counts.to(device=x.device, dtype=torch.int64).contiguous()
 
         # 1. Exchange the counts: recv_counts[s, e] = rows source rank s sends to local expert e.
-        recv_counts = torch.empty_like(counts)
-        dist.all_to_all_single(recv_counts, counts, group=group)
-        recv_counts = recv_counts.view(ep, num_local)
+        recv_counts = all_to_all_counts(counts, group).view(ep, num_local)
         # One host sync for both split lists (the row all-to-all needs them on the host anyway).
         send_splits, recv_splits = torch.stack([counts.view(ep, num_local).sum(1), recv_counts.sum(1)]).tolist()
         if sum(send_splits) != x.shape[0]:
@@ -155,7 +152,7 @@ class ExpertParallel(RoutedExperts):
         num_recv = sum(recv_splits)
 
         # 2. Dispatch: rows of the experts owned by rank r go to rank r.
-        received = funcol.all_to_all_single_autograd(x.contiguous(), recv_splits, send_splits, group)
+        received = all_to_all_rows(x, recv_splits, send_splits, group, "dispatch")
 
         # 3. Expert-major re-sort, local experts, and back to the received layout.
         to_expert_major, to_source_major = expert_major_order(recv_counts, num_recv)
@@ -172,7 +169,7 @@ class ExpertParallel(RoutedExperts):
         back = local_y.index_select(0, to_source_major)
 
         # 4. Combine: return every row to its source rank, in the original order.
-        return funcol.all_to_all_single_autograd(back, send_splits, recv_splits, group)
+        return all_to_all_rows(back, send_splits, recv_splits, group, "combine")
 
 
 def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> None:

@@ -64,7 +64,8 @@ class MoEStrategy(ModelParallelStrategy):
     def __init__(self, dp_replicate: int = 1, dp_shard: int = -1, ep: int = 1, pp: int = 1,
                  param_dtype: str | torch.dtype | None = None, reduce_dtype: str | torch.dtype = "float32",
                  activation_checkpointing: bool = False, compile: bool = False, meta_init: bool = False,
-                 ep_groups: int | None = None, max_ep_groups: int | None = None, save_distributed_checkpoint: bool = True, process_group_backend: str | None = None,
+                 ep_groups: int | None = None, max_ep_groups: int | None = None,
+                 save_distributed_checkpoint: bool = True, process_group_backend: str | None = None,
                  timeout: timedelta | None = None) -> None:
         kwargs = {} if timeout is None else {"timeout": timeout}
         super().__init__(save_distributed_checkpoint=save_distributed_checkpoint,

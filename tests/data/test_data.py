@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_moe.data import TokenDataModule, decode_bytes, encode_bytes, stdlib_source, text_files_source, tokens_source
+from lightning_moe.data import (
+    TokenDataModule,
+    decode_bytes,
+    encode_bytes,
+    stdlib_source,
+    text_files_source,
+    tokens_source,
+)
 from lightning_moe.data.datamodule import ResumableDataLoader, WindowDataset, WindowSampler
 from lightning_moe.errors import ConfigError
 

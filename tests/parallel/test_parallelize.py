@@ -72,7 +72,8 @@ def _worker(rank: int, world_size: int, seed: int, sizes: dict) -> None:
         load, _ = collect_expert_load(model, dp_group)
         update_expert_biases(model, load)
     for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(_full(p.detach()), p_ref.detach(), rtol=1e-3, atol=1e-4, msg=lambda m, name=name: f"param {name}: {m}")
+        torch.testing.assert_close(_full(p.detach()), p_ref.detach(), rtol=1e-3, atol=1e-4,
+                                   msg=lambda m, name=name: f"param {name}: {m}")
     for (_, m), (_, m_ref) in zip(model.moe_layers(), ref.moe_layers()):
         assert torch.any(m_ref.router.expert_bias != 0)
         torch.testing.assert_close(m.router.expert_bias, m_ref.router.expert_bias)

@@ -1,0 +1,72 @@
+"""The expert-parallel collectives, in one place: the count exchange and the row all-to-all (with autograd).
+
+Each collective is issued asynchronously and then waited on. Between the two it calls ``comm_hook`` when one is
+installed: the pipeline's forward/backward overlap (``lightning_moe.pipeline.overlap``) uses that moment to let
+another microbatch compute while the tokens are in flight. Without a hook the collectives behave like blocking ones.
+
+Shapes: N rows sent, M rows received, D hidden size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["all_to_all_counts", "all_to_all_rows", "set_comm_hook"]
+
+_comm_hook: Callable[[str], None] | None = None
+
+
+def set_comm_hook(hook: Callable[[str], None] | None) -> Callable[[str], None] | None:
+    """Install ``hook(name)``, called after every EP collective is issued and before it is waited on; returns the
+    previous hook. ``name`` is "counts", "dispatch"/"combine" (forward) or "dispatch_grad"/"combine_grad" (backward).
+    """
+    global _comm_hook
+    previous, _comm_hook = _comm_hook, hook
+    return previous
+
+
+def _issue_and_wait(work: dist.Work | None, name: str) -> None:
+    if _comm_hook is not None:
+        _comm_hook(name)
+    if work is not None:
+        work.wait()
+
+
+def all_to_all_counts(counts: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """counts: [E] int64 rows this rank sends to each global expert -> [E]: rows each source rank sends to this
+    rank's experts, laid out ``[ep, E / ep]`` (source rank, local expert)."""
+    out = torch.empty_like(counts)
+    work = dist.all_to_all_single(out, counts, group=group, async_op=True)
+    _issue_and_wait(work, "counts")
+    return out
+
+
+def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup,
+                name: str) -> torch.Tensor:
+    out = x.new_empty((sum(out_splits), *x.shape[1:]))
+    work = dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group, async_op=True)
+    _issue_and_wait(work, name)
+    return out
+
+
+class _AllToAllRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup,
+                name: str) -> torch.Tensor:
+        ctx.out_splits, ctx.in_splits, ctx.group, ctx.name = out_splits, in_splits, group, name
+        return _all_to_all(x, out_splits, in_splits, group, name)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        # The gradient travels back along the same routes: received rows' gradients return to their senders.
+        return _all_to_all(grad, ctx.in_splits, ctx.out_splits, ctx.group, f"{ctx.name}_grad"), None, None, None, None
+
+
+def all_to_all_rows(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup,
+                    name: str = "dispatch") -> torch.Tensor:
+    """Uneven all-to-all of rows with autograd. x: [N, D] with ``sum(in_splits) == N`` (rows for each rank, in rank
+    order) -> [M, D] with ``M == sum(out_splits)`` (rows from each rank, in rank order)."""
+    return _AllToAllRows.apply(x, out_splits, in_splits, group, name)
