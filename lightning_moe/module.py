@@ -40,6 +40,8 @@ class MoELanguageModel(pl.LightningModule):
         # which squared gradient norms are summed on top of DTensor reductions (pipeline stages).
         self.expert_load_group = None
         self.grad_norm_groups: list = []
+        # Set by MoEStrategy under pipeline parallelism: runs each batch through the schedule (lightning_moe.pipeline)
+        self.pipeline = None
         self._checked_vocab = False
 
     # --- model ---
@@ -66,6 +68,8 @@ class MoELanguageModel(pl.LightningModule):
     # --- steps ---
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         self._check_batch(batch)
+        if self.pipeline is not None:
+            return self._pipeline_step(batch, "train")
         scale = 1.0 / self.trainer.accumulate_grad_batches if self._trainer is not None else 1.0
         for _, moe in moe_layers(self.model):
             moe.aux_loss_scale = scale
@@ -83,11 +87,37 @@ class MoELanguageModel(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        if self.pipeline is not None:
+            return self._pipeline_step(batch, "val")
         logits, mtp_logits = self._forward_with_mtp(batch)
         loss = self.lm_loss(logits, batch[:, 1:])
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         if mtp_logits:
             self._mtp_loss(mtp_logits, batch[:, 1:], "val")
+        return loss
+
+    def _pipeline_step(self, batch: torch.Tensor, stage: str) -> torch.Tensor:
+        """One batch through the pipeline schedule: forward and backward together when training (the strategy then
+        skips Lightning's backward), forward only in validation. Logs what the non-pipelined steps log."""
+        train = stage == "train"
+        weight = mtp_lambda(self.model_cfg, self.global_step) if self.model_cfg.mtp_depth else 0.0
+        if train:
+            self.pipeline.mtp_weight = weight
+        parts = self.pipeline.step(batch[:, :-1], batch[:, 1:], train=train)
+        loss = parts[0]
+        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True)
+        if parts.numel() > 1:
+            for k, value in enumerate(parts[1:], start=1):
+                self.log(f"{stage}/mtp_loss_{k}", value, sync_dist=not train)
+            mtp = parts[1:].mean()
+            self.log(f"{stage}/mtp_loss", mtp, sync_dist=not train)
+            if train:
+                self.log("train/mtp_lambda", weight)
+                loss = loss + weight * mtp
+        if train:
+            self._log_aux_losses()
+            if self.trainer.optimizers:
+                self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
         return loss
 
     # --- multi-token prediction (lightning_moe.models.mtp) ---
@@ -130,8 +160,8 @@ class MoELanguageModel(pl.LightningModule):
         """Norm clipping that also works when dense and expert weights are sharded on different meshes."""
         if gradient_clip_val is None or gradient_clip_val <= 0:
             return
-        if gradient_clip_algorithm not in (None, "norm") or not any(
-            isinstance(p, DTensor) for p in self.model.parameters()
+        if gradient_clip_algorithm not in (None, "norm") or not (
+            self.grad_norm_groups or any(isinstance(p, DTensor) for p in self.model.parameters())
         ):
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         params = [p for group in optimizer.param_groups for p in group["params"]]

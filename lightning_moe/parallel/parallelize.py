@@ -58,10 +58,13 @@ def apply_node_limited_routing(model: nn.Module, ep: int, ep_groups: int, max_ep
 
 def parallelize(model: nn.Module, dims: ParallelDims, meshes: Meshes | None, *, param_dtype: torch.dtype | None = None,
                 reduce_dtype: torch.dtype = torch.float32, activation_checkpointing: bool = False,
-                compile: bool = False, ep_groups: int | None = None, max_ep_groups: int | None = None) -> nn.Module:
-    """Shard ``model`` (a ``MoETransformer`` or one pipeline stage of it) in place and return it.
+                compile: bool = False, ep_groups: int | None = None, max_ep_groups: int | None = None,
+                stages: list[nn.Module] | None = None) -> nn.Module:
+    """Shard ``model`` (a ``MoETransformer``, or the part of it that one pipeline rank holds) in place; return it.
 
-    Every rank must hold the same weights (or meta tensors) on entry.
+    ``stages``: under pipeline parallelism, the ``StageModule`` views of this rank over ``model``; they (not
+    ``model``) become the FSDP roots, since the schedule calls them. Every rank must hold the same weights (or meta
+    tensors) on entry.
     """
     moe_layers = [m for m in model.modules() if isinstance(m, MoE)]
     if max_ep_groups is not None:
@@ -95,5 +98,12 @@ def parallelize(model: nn.Module, dims: ParallelDims, meshes: Meshes | None, *, 
                 if dims.ep > 1:
                     fully_shard(moe.experts, mesh=expert_mesh, mp_policy=mp)
             fully_shard(unit, mesh=dense_mesh, mp_policy=mp)
-        fully_shard(model, mesh=dense_mesh, mp_policy=mp)
+        if stages is None:
+            fully_shard(model, mesh=dense_mesh, mp_policy=mp)
+            return model
+        embedding_users = [s for s in stages if s.tok_embeddings is not None or s.mtp_embeddings is not None]
+        if len(embedding_users) > 1:  # first and last stage on one rank, both using the embedding (MTP)
+            fully_shard(model.tok_embeddings, mesh=dense_mesh, mp_policy=mp)
+        for stage in stages:
+            fully_shard(stage, mesh=dense_mesh, mp_policy=mp)
     return model

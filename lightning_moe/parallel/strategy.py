@@ -1,11 +1,13 @@
-"""``MoEStrategy``: HSDP + expert parallelism for Lightning, with resharding distributed checkpoints.
+"""``MoEStrategy``: HSDP + expert parallelism + pipeline parallelism for Lightning, with resharding checkpoints.
 
     Trainer(strategy=MoEStrategy(dp_replicate=2, dp_shard=2, ep=2), devices=4)
+    Trainer(strategy=MoEStrategy(pp=2, ep=2, pipeline_schedule="dualpipe"), devices=4)
     Trainer(strategy="moe", devices=2)                    # registered name: dp_shard = all devices, ep = 1
     lightning-moe-train strategy=moe strategy.ep=2 trainer.devices=2
 
-The LightningModule builds a plain model in ``configure_model``; the strategy then applies ``parallelize`` (EP, AC,
-compile, FSDP2) before Lightning materialises meta tensors and creates the optimizer.
+The LightningModule builds a plain model in ``configure_model``; the strategy then cuts it into this rank's pipeline
+stages (pp > 1), applies ``parallelize`` (EP, AC, compile, FSDP2) before Lightning materialises meta tensors and
+creates the optimizer, and hands the module a ``PipelineRunner`` whose schedule runs forward and backward together.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from typing_extensions import override
 
 from lightning_moe.errors import ConfigError
 from lightning_moe.parallel.dims import Meshes, ParallelDims
+from lightning_moe.pipeline.runner import PipelineRunner
+from lightning_moe.pipeline.split import SCHEDULES, PipelinePlan
+from lightning_moe.pipeline.stage import StageModule, keep_stages
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -48,7 +53,7 @@ class MoEStrategy(ModelParallelStrategy):
         dp_replicate: data-parallel replicas (HSDP outer dimension).
         dp_shard: data-parallel shards (FSDP); -1 uses the rest of the world size.
         ep: expert-parallel degree (borrows ranks from dp_shard; must divide it and ``model.num_experts``).
-        pp: pipeline stages (must be 1 until pipeline parallelism lands).
+        pp: pipeline-parallel ranks; the model is cut into ``pp x stages per rank`` stages of consecutive layers.
         param_dtype: FSDP2 mixed-precision compute dtype (e.g. "bfloat16"); None keeps the parameters' dtype.
         reduce_dtype: dtype of gradient reductions.
         activation_checkpointing: recompute each block in backward.
@@ -57,6 +62,10 @@ class MoEStrategy(ModelParallelStrategy):
         ep_groups: groups of EP ranks for node-limited routing (usually nodes; default: ep, one rank per group).
         max_ep_groups: node-limited routing: each token uses experts of at most this many EP groups (None: off).
         save_distributed_checkpoint: sharded (resharding) checkpoints; False gathers one file on rank 0.
+        pipeline_schedule: "dualpipe" (DualPipeV), "zbv" (zero-bubble V), "1f1b", "interleaved_1f1b" or "gpipe".
+        pipeline_microbatches: microbatches per batch (None: twice the number of stages).
+        pipeline_stages_per_rank: stages per rank of "interleaved_1f1b" (V schedules have 2, the others 1).
+        pipeline_layers: manual cut, layers of every stage in order (None: as even as possible).
     """
 
     strategy_name = "moe"
@@ -65,7 +74,9 @@ class MoEStrategy(ModelParallelStrategy):
                  param_dtype: str | torch.dtype | None = None, reduce_dtype: str | torch.dtype = "float32",
                  activation_checkpointing: bool = False, compile: bool = False, meta_init: bool = False,
                  ep_groups: int | None = None, max_ep_groups: int | None = None,
-                 save_distributed_checkpoint: bool = True, process_group_backend: str | None = None,
+                 save_distributed_checkpoint: bool = True, pipeline_schedule: str = "dualpipe",
+                 pipeline_microbatches: int | None = None, pipeline_stages_per_rank: int = 2,
+                 pipeline_layers: list[int] | None = None, process_group_backend: str | None = None,
                  timeout: timedelta | None = None) -> None:
         kwargs = {} if timeout is None else {"timeout": timeout}
         super().__init__(save_distributed_checkpoint=save_distributed_checkpoint,
@@ -75,8 +86,13 @@ class MoEStrategy(ModelParallelStrategy):
         self.reduce_dtype = _dtype(reduce_dtype, "reduce_dtype")
         self.activation_checkpointing, self.compile, self.meta_init = activation_checkpointing, compile, meta_init
         self.ep_groups, self.max_ep_groups = ep_groups, max_ep_groups
+        self.pipeline_schedule, self.pipeline_microbatches = pipeline_schedule, pipeline_microbatches
+        self.pipeline_stages_per_rank = pipeline_stages_per_rank
+        self.pipeline_layers = tuple(pipeline_layers) if pipeline_layers is not None else None
         self.dims: ParallelDims | None = None
         self.meshes: Meshes | None = None
+        self.plan: PipelinePlan | None = None
+        self.pipeline: PipelineRunner | None = None
 
     # --- environment and mesh ---
     @override
@@ -85,12 +101,29 @@ class MoEStrategy(ModelParallelStrategy):
         world_size = self.num_nodes * self.num_processes
         self.dims = ParallelDims(**self.sizes, world_size=world_size)
         if self.dims.pp > 1:
-            raise ConfigError(f"strategy.pp={self.dims.pp}: pipeline parallelism is not available yet; use pp=1")
+            self.plan = self._pipeline_plan()
         super(ModelParallelStrategy, self).setup_environment()  # Strategy/ParallelStrategy: accelerator setup
         self._setup_distributed()
         self.meshes = self.dims.build_meshes(self.root_device.type)
         self._device_mesh = self.meshes.world
         self.lightning_module._device_mesh = self._device_mesh
+
+    def _pipeline_plan(self) -> PipelinePlan:
+        cfg = getattr(self.lightning_module, "model_cfg", None)
+        if cfg is None:
+            raise TypeError("pipeline parallelism (strategy.pp > 1) needs a lightning_moe.MoELanguageModel")
+        if cfg.tie_embeddings:
+            raise ConfigError("model.tie_embeddings=true is not supported with strategy.pp > 1 (the embedding and "
+                              "the head are on different stages)")
+        trainer = self.lightning_module._trainer
+        if trainer is not None and trainer.accumulate_grad_batches != 1:
+            raise ConfigError(f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}: with "
+                              "strategy.pp > 1 use strategy.pipeline_microbatches instead (the schedule accumulates)")
+        spec = SCHEDULES.get(self.pipeline_schedule)
+        per_rank = (spec.stages_per_rank or self.pipeline_stages_per_rank) if spec else 1
+        microbatches = self.pipeline_microbatches or 2 * self.dims.pp * per_rank
+        return PipelinePlan(self.pipeline_schedule, self.dims.pp, cfg.n_layers, microbatches,
+                            stages_per_rank=self.pipeline_stages_per_rank, layers_per_stage=self.pipeline_layers)
 
     @property
     @override
@@ -114,14 +147,49 @@ class MoEStrategy(ModelParallelStrategy):
         if not isinstance(model, torch.nn.Module):
             raise TypeError("MoEStrategy needs a LightningModule whose `configure_model` sets `self.model` to a "
                             "plain MoETransformer (see lightning_moe.MoELanguageModel)")
+        stages = None
+        if self.plan is not None:
+            local = self.plan.stages_of_rank(self.meshes.pp.get_local_rank())
+            ranges = self.plan.layer_ranges
+            keep_stages(model, local, ranges)
+            stages = [StageModule(model, s, self.plan.num_stages, ranges[s]) for s in local]
         if not any(p.is_meta for p in model.parameters()):
             model.to(self.root_device)
         parallelize(model, self.dims, self.meshes, param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype,
                     activation_checkpointing=self.activation_checkpointing, compile=self.compile,
-                    ep_groups=self.ep_groups, max_ep_groups=self.max_ep_groups)
+                    ep_groups=self.ep_groups, max_ep_groups=self.max_ep_groups, stages=stages)
         if hasattr(module, "expert_load_group"):
             module.expert_load_group = self.meshes.dp.get_group() if self.dims.dp > 1 else None
         super().setup(trainer)
+        if stages is not None:
+            self.pipeline = PipelineRunner(self.plan, stages, self.meshes.pp.get_group(), self.root_device, model.cfg,
+                                           tie_group=self._tie_group(model),
+                                           activation_dtype=self.param_dtype or next(model.parameters()).dtype)
+            module.pipeline = self.pipeline
+            module.grad_norm_groups = [self.meshes.pp.get_group()]
+
+    def _tie_group(self, model: torch.nn.Module) -> Any:
+        """Loop schedules with MTP: the group of pipeline ranks 0 and pp - 1 (first and last stage), which hold copies
+        of the embedding. Every rank creates every such group (one per data-parallel position), in the same order."""
+        if model.cfg.mtp_depth == 0 or self.plan.spec.style == "v":
+            return None
+        if self.dims.pp == 2:
+            return self.meshes.pp.get_group()
+        ranks = self.meshes.world.mesh.reshape(self.dims.pp, -1)  # [pp, dp positions] global ranks
+        mine = None
+        for col in range(ranks.shape[1]):
+            pair = [int(ranks[0, col]), int(ranks[-1, col])]
+            group = torch.distributed.new_group(pair)
+            if self.global_rank in pair:
+                mine = group
+        return mine
+
+    @override
+    def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Under pipeline parallelism the schedule already ran backward inside ``training_step``."""
+        if self.pipeline is not None:
+            return closure_loss
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     # --- checkpoints ---
     @override
