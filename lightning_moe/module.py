@@ -103,6 +103,8 @@ class MoELanguageModel(pl.LightningModule):
         weight = mtp_lambda(self.model_cfg, self.global_step) if self.model_cfg.mtp_depth else 0.0
         if train:
             self.pipeline.mtp_weight = weight
+            for optimizer in self.trainer.optimizers:  # see optimizer_zero_grad
+                optimizer.zero_grad(set_to_none=True)
         parts = self.pipeline.step(batch[:, :-1], batch[:, 1:], train=train)
         loss = parts[0]
         self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True)
@@ -155,6 +157,12 @@ class MoELanguageModel(pl.LightningModule):
             if self.model_cfg.capacity_factor is not None:
                 self.log("moe/dropped_tokens", dropped.sum())
             update_expert_biases(self.model, load)
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
+        """Lightning zeroes gradients between ``training_step`` and backward; under pipeline parallelism the backward
+        has already run inside ``training_step``, which zeroes the gradients itself before the schedule."""
+        if self.pipeline is None:
+            super().optimizer_zero_grad(epoch, batch_idx, optimizer)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Norm clipping that also works when dense and expert weights are sharded on different meshes."""

@@ -30,6 +30,10 @@ class MoEStrategyConfig:
     ep_groups: Optional[int] = None
     max_ep_groups: Optional[int] = None
     save_distributed_checkpoint: bool = True
+    pipeline_schedule: str = "dualpipe"
+    pipeline_microbatches: Optional[int] = None
+    pipeline_stages_per_rank: int = 2
+    pipeline_layers: Optional[list[int]] = None
 
 
 cs = ConfigStore.instance()

@@ -159,7 +159,8 @@ class MoEStrategy(ModelParallelStrategy):
                     activation_checkpointing=self.activation_checkpointing, compile=self.compile,
                     ep_groups=self.ep_groups, max_ep_groups=self.max_ep_groups, stages=stages)
         if hasattr(module, "expert_load_group"):
-            module.expert_load_group = self.meshes.dp.get_group() if self.dims.dp > 1 else None
+            # The data-parallel ranks of this pipeline position (they hold the same layers); None: the whole world.
+            module.expert_load_group = self.meshes.dp.get_group() if self.dims.dp > 1 or self.dims.pp > 1 else None
         super().setup(trainer)
         if stages is not None:
             self.pipeline = PipelineRunner(self.plan, stages, self.meshes.pp.get_group(), self.root_device, model.cfg,
@@ -214,15 +215,26 @@ class MoEStrategy(ModelParallelStrategy):
         self.barrier("checkpoint_renamed")
 
     @override
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        """Like Lightning's, plus loading a sharded checkpoint into a model that is not sharded (one process)."""
-        from torch.distributed.tensor import DTensor  # noqa: PLC0415
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        """Flattened optimizer state (``state.<param>.*`` and ``param_groups.<param>.*`` keys): every entry belongs to
+        one parameter, so pipeline stages with different parameters save together and load into any layout."""
+        if not self._save_distributed_checkpoint:
+            return super().optimizer_state(optimizer)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict  # noqa: PLC0415
 
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # LightningOptimizer
+        options = StateDictOptions(cpu_offload=True, flatten_optimizer_state_dict=True)
+        return get_optimizer_state_dict(self.model, optimizer, options=options)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Loads what ``save_checkpoint`` wrote into any layout (one process, other ep / dp / pp sizes)."""
         path = Path(self.broadcast(str(checkpoint_path)))
-        if any(isinstance(p, DTensor) for p in self.model.parameters()) or not (path / ".metadata").is_file():
+        if not (path / ".metadata").is_file():
             return super().load_checkpoint(path, weights_only=weights_only)
         import torch.distributed.checkpoint as dcp  # noqa: PLC0415
         from torch.distributed.checkpoint.state_dict import (  # noqa: PLC0415
+            StateDictOptions,
             get_model_state_dict,
             get_optimizer_state_dict,
             set_optimizer_state_dict,
@@ -231,11 +243,12 @@ class MoEStrategy(ModelParallelStrategy):
         model_state = {"state_dict": get_model_state_dict(self.model)}
         dcp.load(model_state, checkpoint_id=path)
         self.model.load_state_dict(model_state["state_dict"], strict=self.lightning_module.strict_loading)
+        options = StateDictOptions(flatten_optimizer_state_dict=True)
         for idx, optimizer in enumerate(self.optimizers):
             key = f"optimizer_{idx}"
-            optim_state = {key: get_optimizer_state_dict(self.model, optimizer)}
+            optim_state = {key: get_optimizer_state_dict(self.model, optimizer, options=options)}
             dcp.load(optim_state, checkpoint_id=path)
-            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=optim_state[key])
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=optim_state[key], options=options)
         return torch.load(path / "meta.pt", weights_only=weights_only)
 
     @override

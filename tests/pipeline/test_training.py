@@ -1,0 +1,63 @@
+"""Pipeline parallelism through Lightning and the CLI: the same loss curve as one process, validation, checkpoints
+that resume in another layout, and one-line errors for bad pipeline configs."""
+
+import pytest
+
+from tests.parallel.test_strategy import losses, train
+
+pytestmark = pytest.mark.slow
+
+STEPS, HALF = 8, 4
+# Balance losses that do not depend on how the batch is cut into microbatches (the classic aux loss does).
+SAME = ("model.n_layers=4", "model.aux_loss_coef=0", "model.seq_aux_loss_coef=0.01", "trainer.log_every_n_steps=1")
+
+
+def _close(curve: dict[int, float], reference: dict[int, float]) -> None:
+    assert curve, "no losses logged"
+    for step, loss in curve.items():
+        assert loss == pytest.approx(reference[step], rel=2e-4), (step, loss, reference[step])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    train(run_dir, 1, "strategy.pp=1", f"trainer.max_steps={STEPS}", *SAME)
+    return losses(run_dir)
+
+
+def test_dualpipe_pp2_trains_like_one_process_and_resumes_without_pipeline(tmp_path, reference):
+    a, b = tmp_path / "a", tmp_path / "b"
+    # a mid-epoch checkpoint (the one written when fit ends marks the epoch done, and a resume starts the next one)
+    train(a, 2, "strategy.pp=2", "strategy.pipeline_schedule=dualpipe", f"trainer.max_steps={HALF}",
+          f"callbacks.model_checkpoint.every_n_train_steps={HALF}", *SAME, dp=1)
+    _close(losses(a), reference)
+    ckpt = a / "checkpoints" / "last.ckpt"
+    assert (ckpt / ".metadata").is_file()
+    # the stages' shards together hold the whole model: one process resumes the same curve
+    train(b, 1, "strategy.pp=1", f"trainer.max_steps={STEPS}", f"ckpt_path={ckpt}", *SAME)
+    resumed = losses(b)
+    assert min(resumed) == HALF
+    _close(resumed, reference)
+
+
+def test_1f1b_pp2_x_ep2_on_4_processes_trains_like_one_process(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    train(run_dir, 4, "strategy.pp=2", "strategy.ep=2", "strategy.pipeline_schedule=1f1b",
+          f"trainer.max_steps={HALF}", *SAME, dp=2)
+    _close(losses(run_dir), reference)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("strategy.pipeline_microbatches=3", "needs at least 4 microbatches"),
+    ("strategy.pipeline_layers=[1,1,1]", "strategy.pipeline_layers=\\[1, 1, 1\\]: needs 4 entries"),
+    ("model.n_layers=3", "model.n_layers=3 is fewer than the 4 pipeline stages"),
+    ("trainer.accumulate_grad_batches=2", "use strategy.pipeline_microbatches instead"),
+])
+def test_bad_pipeline_configs_fail_with_one_line(tmp_path, override, message):
+    import re
+
+    proc = train(tmp_path / "bad", 2, "strategy.pp=2", "trainer.max_steps=1", "model.n_layers=4", override,
+                 check=False, dp=1)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("lightning-moe-train: error:")]
+    assert errors and all(re.search(message, e) for e in errors), proc.stderr[-2000:]
