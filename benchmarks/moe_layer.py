@@ -9,11 +9,14 @@ Rows (all at the same useful FLOPs: T * K tokens through SwiGLU experts of size 
     moe_layer[KERNEL]     the whole layer: router, permutation, experts, combine (no shared expert)
 "Effective TFLOP/s" divides the expert matmul FLOPs (6 * T * K * 3 * D * H for forward + backward) by the time, so
 the overhead of routing and permutation shows up as a lower figure. Ratios are against dense_mlp in the same process.
+Every step starts with the gradients set to None, as after ``optimizer.zero_grad(set_to_none=True)``; the rows marked
+"grads accumulated" skip that, so each backward also adds into the previous step's ``.grad``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -28,6 +31,16 @@ from lightning_moe.models.config import ModelConfig  # noqa: E402
 from lightning_moe.moe.experts import RoutedExperts  # noqa: E402
 from lightning_moe.moe.kernels import KERNELS  # noqa: E402
 from lightning_moe.moe.layer import MoE  # noqa: E402
+
+
+def clear_grads(*tensors: torch.Tensor) -> None:
+    """What ``optimizer.zero_grad(set_to_none=True)`` does between training steps.
+
+    Without it every backward adds into the existing ``.grad``: a read and write of all weight gradients, which for
+    64 experts (10.7x the dense MLP's parameters at the same FLOPs) is 1.1 GB more traffic per step.
+    """
+    for t in tensors:
+        t.grad = None
 
 
 def timeit(fn, warmup: int, iters: int, device: torch.device) -> float:
@@ -59,14 +72,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--topk", type=int, default=6)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--kernels", default="grouped_mm,loop,megablocks")
+    p.add_argument("--kernels", default="grouped_mm,triton,loop,megablocks")
+    p.add_argument("--triton-configs", default=None,
+                   help="JSON {gemm: [bm, bn, bk, warps, stages]} from benchmarks/triton_grouped_tune.py")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd layers")
     p.add_argument("--out", default=None, help="markdown file for the table (default: docs/ on GPU runs)")
+    p.add_argument("--profile", default=None, help="folder for CUDA kernel tables of the compiled layers")
     args = p.parse_args(argv)
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.triton_configs:
+        from lightning_moe.moe import triton_grouped
+
+        tuned = json.loads(Path(args.triton_configs).read_text())
+        triton_grouped.CONFIGS.update({k: triton_grouped.TileConfig(*v) for k, v in tuned.items()})
     t, d, h, e, k = args.tokens, args.dim, args.ffn, args.experts, args.topk
     torch.manual_seed(0)
     flops = 3 * 2 * t * k * 3 * d * h  # forward + backward of the expert matmuls
@@ -84,11 +105,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     w3 = (torch.randn(k * h, d, device=device, dtype=dtype) * 0.02).requires_grad_()
     w2 = (torch.randn(d, k * h, device=device, dtype=dtype) * 0.02).requires_grad_()
 
-    def dense():
-        y = F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
-        y.backward(grad)
+    def dense_mlp(x):
+        return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+
+    def dense(fn=dense_mlp, accumulate=False):
+        if not accumulate:
+            clear_grads(x, w1, w3, w2)
+        fn(x).backward(grad)
 
     record("dense_mlp", timeit(dense, args.warmup, args.iters, device))
+    record("dense_mlp, grads accumulated", timeit(lambda: dense(accumulate=True), args.warmup, args.iters, device),
+           "no zero_grad between steps")
+    if args.compile:
+        compiled_dense = torch.compile(dense_mlp)
+        record("dense_mlp+compile", timeit(lambda: dense(compiled_dense), args.warmup, args.iters, device))
 
     # balanced-ish counts for the pre-permuted expert kernels
     routed = torch.randint(0, e, (t * k,), device=device).sort().values
@@ -104,12 +134,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         from lightning_moe.moe.kernels import grouped_mm_experts
 
         def run_transposed():
+            clear_grads(xr, w13t, w2t)
             grouped_mm_experts(xr, counts, w13t.transpose(-2, -1), w2t.transpose(-2, -1)).backward(gr)
 
         record("experts[grouped_mm, [E,out,in] layout]", timeit(run_transposed, args.warmup, args.iters, device))
 
     for name in args.kernels.split(","):
         if name not in KERNELS:
+            continue
+        if name == "triton" and device.type != "cuda":
+            record(f"experts[{name}]", None, "GPU only")
             continue
         iters = args.iters if name != "loop" else max(3, args.iters // 4)
         try:
@@ -120,6 +154,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             continue
 
         def run_experts(experts=experts):
+            clear_grads(xr, *experts.parameters())
             experts(xr, counts).backward(gr)
 
         record(f"experts[{name}]", timeit(run_experts, args.warmup, iters, device))
@@ -127,17 +162,33 @@ def main(argv: list[str] | None = None) -> list[dict]:
         layer = MoE(cfg).to(device, dtype)
         xl = x.view(1, t, d)
 
-        def run_layer(layer=layer):
+        def run_layer(layer=layer, xl=xl):
+            clear_grads(x, *layer.parameters())
             layer(xl).backward(grad.view(1, t, d))
 
         record(f"moe_layer[{name}]", timeit(run_layer, args.warmup, iters, device))
         if args.compile and name != "loop":
             compiled = torch.compile(layer)
 
-            def run_compiled(compiled=compiled):
+            def run_compiled(compiled=compiled, xl=xl, layer=layer, accumulate=False):
+                if not accumulate:
+                    clear_grads(x, *layer.parameters())
                 compiled(xl).backward(grad.view(1, t, d))
 
             record(f"moe_layer[{name}]+compile", timeit(run_compiled, args.warmup, iters, device))
+            record(f"moe_layer[{name}]+compile, grads accumulated",
+                   timeit(lambda f=run_compiled: f(accumulate=True), args.warmup, iters, device),
+                   "no zero_grad between steps")
+            if args.profile and device.type == "cuda":
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(3):
+                        run_compiled()
+                    torch.cuda.synchronize()
+                table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90)
+                Path(args.profile).mkdir(parents=True, exist_ok=True)
+                (Path(args.profile) / f"profile_{name}_compiled.txt").write_text(table)
 
     dense_ms = rows[0]["ms"]
     dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
@@ -152,7 +203,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if r["ms"] is None:
             lines.append(f"| {r['name']} | - | - | - | {r['note']} |")
         else:
-            lines.append(f"| {r['name']} | {r['ms']:.2f} | {r['tflops']:.1f} | {dense_ms / r['ms']:.0%} | {r['note']} |")
+            ratio = dense_ms / r["ms"]
+            lines.append(f"| {r['name']} | {r['ms']:.2f} | {r['tflops']:.1f} | {ratio:.0%} | {r['note']} |")
     table = "\n".join(lines)
     print("\n" + table)
     out = args.out or ("docs/moe_layer_benchmark.md" if device.type == "cuda" else None)

@@ -13,7 +13,7 @@ from typing import Any, Optional
 from lightning_moe.errors import ConfigError
 
 SCORE_FUNCS = ("softmax", "sigmoid")
-EXPERT_KERNELS = ("grouped_mm", "loop", "megablocks")
+EXPERT_KERNELS = ("grouped_mm", "loop", "megablocks", "triton")
 ATTENTION_TYPES = ("gqa", "mla")
 
 
@@ -91,7 +91,8 @@ class ModelConfig:
     capacity_factor: Optional[float] = None
     """Expert capacity factor with token dropping (None: dropless)."""
     expert_kernel: str = "grouped_mm"
-    """Routed-expert kernel: grouped_mm (default), loop (reference) or megablocks (GPU, optional extra)."""
+    """Routed-expert kernel: grouped_mm (default), loop (reference), triton (GPU: fused SwiGLU grouped GEMMs) or
+    megablocks (GPU, optional extra)."""
     # --- multi-token prediction ---
     mtp_depth: int = 0
     """DeepSeek-V3 multi-token prediction modules (0: off); depth k predicts token t+k+1 from position t."""

@@ -7,7 +7,9 @@ Every kernel has one signature::
 where the rows of ``x`` are sorted by expert (``counts[e]`` rows for expert ``e``, in order, ``sum(counts) == N``)
 and ``w13`` holds the gate and up projections side by side. ``loop`` is the readable reference the tests compare
 against; ``grouped_mm`` (default) runs all experts in one ``torch.nn.functional.grouped_mm`` per projection;
-``megablocks`` uses the grouped GEMM of the optional ``megablocks`` package (GPU only).
+``megablocks`` uses the grouped GEMM of the optional ``megablocks`` package (GPU only); ``triton`` runs this package's
+own Triton grouped GEMMs with SwiGLU and its backward fused into their epilogues (``triton_grouped.py``; needs
+``triton``, which is imported only when this kernel is chosen).
 """
 
 from __future__ import annotations
@@ -87,10 +89,27 @@ def megablocks_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor,
     return gmm(h, w2, batch_sizes)
 
 
+_TRITON_HELP = "model.expert_kernel=triton needs the `triton` package (it ships with CUDA builds of torch)"
+
+
+def _triton_module():
+    try:
+        from lightning_moe.moe import triton_grouped  # noqa: PLC0415 - needs triton, imported on use
+    except ImportError as err:
+        raise ImportError(f"{_TRITON_HELP}: {err}. Use model.expert_kernel=grouped_mm otherwise.") from err
+    return triton_grouped
+
+
+def triton_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """Triton grouped GEMMs with SwiGLU (and its backward) fused into the GEMM epilogues; TMA loads on Hopper."""
+    return _triton_module().triton_experts(x, counts, w13, w2)
+
+
 KERNELS: dict[str, ExpertKernel] = {
     "loop": loop_experts,
     "grouped_mm": grouped_mm_experts,
     "megablocks": megablocks_experts,
+    "triton": triton_experts,
 }
 
 
@@ -100,4 +119,6 @@ def get_kernel(name: str) -> ExpertKernel:
         raise ValueError(f"model.expert_kernel={name!r}: must be one of {', '.join(KERNELS)}")
     if name == "megablocks":
         _megablocks_gmm()
+    if name == "triton":
+        return _triton_module().triton_experts  # imported now, so compiled code never runs the import
     return KERNELS[name]

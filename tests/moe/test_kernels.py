@@ -65,7 +65,7 @@ def test_megablocks_missing_is_a_clear_error():
             pass
     with pytest.raises(ImportError, match=r"model.expert_kernel=megablocks.*pip install"):
         get_kernel("megablocks")
-    assert set(KERNELS) == {"loop", "grouped_mm", "megablocks"}
+    assert set(KERNELS) == {"loop", "grouped_mm", "megablocks", "triton"}
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -1,0 +1,363 @@
+"""Triton grouped GEMMs for the routed experts: ``model.expert_kernel=triton``.
+
+Shapes:
+    N: routed rows sorted by expert, E: experts, D: hidden size, H: expert hidden size,
+    offs: [E] int32 running row counts (``offs[e]`` is the end row of expert e), BM/BN/BK: tile sizes.
+
+Two kernels cover the six GEMMs of a SwiGLU expert's forward and backward:
+
+- ``_rows_kernel``: ``out[rows of e] = a[rows of e] @ b[e]``, tiles over (expert, row tile, column tile); the forward
+  GEMMs and both data gradients. Its epilogue can apply SwiGLU (the first GEMM then computes the gate and up tiles of
+  the same columns and also writes ``silu(gate) * up``) or SwiGLU's backward (the data gradient of the second GEMM
+  reads the saved gate and up values and writes their gradients), so no separate elementwise pass runs.
+- ``_wgrad_kernel``: ``dw[e] = a[rows of e]^T @ g[rows of e]``, tiles over (expert, output tile); the weight gradients,
+  reducing over each expert's rows.
+
+On Hopper the operands are read through TMA tensor descriptors; elsewhere (and under ``TRITON_INTERPRET=1``) the
+same kernels run on masked pointer loads. Importing this module needs ``triton``; ``kernels.py`` imports it on use.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+
+def _interpreter_compat() -> None:
+    """Under ``TRITON_INTERPRET=1``: triton 3.6's interpreter turns scalars into ints with ``int(array of shape (1,))``,
+    which numpy >= 2.4 refuses, so every loop over a run-time bound fails. Take the one element instead."""
+    import triton.runtime.interpreter as interp  # noqa: PLC0415
+
+    patch = getattr(interp, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "_lightning_moe", False):
+        return
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._lightning_moe = True
+    interp._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_compat()
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """One launch configuration of a grouped GEMM."""
+
+    bm: int
+    bn: int
+    bk: int
+    num_warps: int
+    num_stages: int
+
+
+# Per GEMM of the expert forward/backward; tuned on an H100 (benchmarks/triton_grouped_tune.py). ``fwd1``'s ``bn``
+# is per SwiGLU half: the program computes a gate tile and an up tile of that width.
+CONFIGS: dict[str, TileConfig] = {
+    "fwd1": TileConfig(128, 128, 64, 8, 3),
+    "fwd2": TileConfig(128, 256, 64, 8, 3),
+    "dgrad2": TileConfig(128, 128, 64, 8, 4),
+    "dgrad1": TileConfig(128, 256, 64, 8, 3),
+    "wgrad2": TileConfig(128, 256, 64, 8, 3),
+    "wgrad1": TileConfig(128, 256, 64, 8, 3),
+}
+
+_PLAIN, _SWIGLU, _SWIGLU_BWD = 0, 1, 2
+
+
+def use_tma(device: torch.device) -> bool:
+    """TMA descriptors need a Hopper (sm_90) or newer GPU; the interpreter and older GPUs use pointer loads."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _tma_ok(*tensors: torch.Tensor) -> bool:
+    """TMA wants 16-byte aligned base addresses and row strides."""
+    return all(t.data_ptr() % 16 == 0 and (t.stride(-2) * t.element_size()) % 16 == 0 for t in tensors)
+
+
+@triton.jit
+def _tile_rows(offs_ptr, tile, E, BM: tl.constexpr, E_P2: tl.constexpr):
+    """The expert, first row and end row of row tile ``tile``: each expert owns ceil(rows / BM) consecutive tiles."""
+    idx = tl.arange(0, E_P2)
+    ends = tl.load(offs_ptr + idx, mask=idx < E, other=0)
+    starts = tl.load(offs_ptr + idx - 1, mask=(idx > 0) & (idx < E), other=0)
+    tiles = (ends - starts + BM - 1) // BM
+    cum = tl.cumsum(tiles, 0)
+    e = tl.sum((cum <= tile).to(tl.int32), 0)
+    sel = idx == e
+    first_tile = tl.sum(tl.where(sel, cum - tiles, 0), 0)
+    start = tl.sum(tl.where(sel, starts, 0), 0)
+    end = tl.sum(tl.where(sel, ends, 0), 0)
+    return e, start + (tile - first_tile) * BM, end
+
+
+@triton.jit
+def _load_b(b_ptr, b_desc, e, k0, n0, K, N, N_ROWS, s_be, s_bk, s_bn,
+            BK: tl.constexpr, BN: tl.constexpr, B_KMAJOR: tl.constexpr, USE_TMA: tl.constexpr):
+    """Tile b[e][k0:k0+BK, n0:n0+BN]; ``B_KMAJOR`` when k is the contiguous dimension of b's storage."""
+    if USE_TMA:
+        # b_desc views the storage as 2-D [E * rows, cols]. A tile that runs past an expert's last row reads the next
+        # expert's: along k those meet the zero columns TMA pads a with, along n they land in columns never stored.
+        if B_KMAJOR:
+            b = tl.trans(b_desc.load([e * N_ROWS + n0, k0]))
+        else:
+            b = b_desc.load([e * K + k0, n0])
+    else:
+        ks = k0 + tl.arange(0, BK)
+        ns = n0 + tl.arange(0, BN)
+        ptrs = b_ptr + e.to(tl.int64) * s_be + ks[:, None] * s_bk + ns[None, :] * s_bn
+        b = tl.load(ptrs, mask=(ks[:, None] < K) & (ns[None, :] < N), other=0.0)
+    return b
+
+
+@triton.jit
+def _rows_kernel(
+    a_ptr, a_desc, b_ptr, b_desc, c_ptr, aux_ptr, h_ptr, offs_ptr,
+    E, N, K, NB_N, HALF, N_ROWS,
+    s_am, s_be, s_bk, s_bn, s_cm, s_auxm, s_hm,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, E_P2: tl.constexpr,
+    B_KMAJOR: tl.constexpr, USE_TMA: tl.constexpr, EPILOGUE: tl.constexpr,
+):
+    """c[rows of e, :N] = a[rows of e] @ b[e] (b: [E, K, N] by strides; N_ROWS: b's full n extent).
+
+    EPILOGUE 1 (SwiGLU): columns n of the gate half and HALF + n of the up half are computed together; c gets both
+    (the pre-activations, [rows, 2 * HALF]) and h_ptr gets silu(gate) * up ([rows, HALF]).
+    EPILOGUE 2 (SwiGLU backward): the product is dh; aux holds the saved [rows, 2 * HALF] gate and up values, and c
+    gets their gradients.
+    """
+    pid = tl.program_id(0)
+    tile_m = pid // NB_N
+    tile_n = pid % NB_N
+    e, row0, row_end = _tile_rows(offs_ptr, tile_m, E, BM, E_P2)
+    if e >= E:
+        return
+    n0 = tile_n * BN
+    rows = row0 + tl.arange(0, BM)
+    cols = n0 + tl.arange(0, BN)
+    row_mask = rows < row_end
+    rows64 = rows.to(tl.int64)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_up = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        if USE_TMA:
+            # Rows past row_end belong to the next expert: they are multiplied but never stored.
+            a = a_desc.load([row0, k0])
+        else:
+            ks = k0 + tl.arange(0, BK)
+            a = tl.load(a_ptr + rows64[:, None] * s_am + ks[None, :],
+                        mask=row_mask[:, None] & (ks[None, :] < K), other=0.0)
+        b = _load_b(b_ptr, b_desc, e, k0, n0, K, N, N_ROWS, s_be, s_bk, s_bn, BK, BN, B_KMAJOR, USE_TMA)
+        acc = tl.dot(a, b, acc)
+        if EPILOGUE == 1:
+            b_up = _load_b(b_ptr, b_desc, e, k0, HALF + n0, K, 2 * HALF, N_ROWS, s_be, s_bk, s_bn,
+                           BK, BN, B_KMAJOR, USE_TMA)
+            acc_up = tl.dot(a, b_up, acc_up)
+
+    mask = row_mask[:, None] & (cols[None, :] < N)
+    c_ptrs = c_ptr + rows64[:, None] * s_cm + cols[None, :]
+    if EPILOGUE == 0:
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    elif EPILOGUE == 1:
+        gate = acc.to(c_ptr.dtype.element_ty)
+        up = acc_up.to(c_ptr.dtype.element_ty)
+        tl.store(c_ptrs, gate, mask=mask)
+        tl.store(c_ptrs + HALF, up, mask=mask)
+        # From the rounded pre-activations, as the backward sees them.
+        g = gate.to(tl.float32)
+        h = g * tl.sigmoid(g) * up.to(tl.float32)
+        tl.store(h_ptr + rows64[:, None] * s_hm + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
+    else:
+        aux_ptrs = aux_ptr + rows64[:, None] * s_auxm + cols[None, :]
+        g = tl.load(aux_ptrs, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(aux_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+        dh = acc.to(c_ptr.dtype.element_ty).to(tl.float32)
+        sig = tl.sigmoid(g)
+        d_gate = dh * up * sig * (1.0 + g * (1.0 - sig))
+        d_up = dh * g * sig
+        tl.store(c_ptrs, d_gate.to(c_ptr.dtype.element_ty), mask=mask)
+        tl.store(c_ptrs + HALF, d_up.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _wgrad_kernel(
+    a_ptr, a_desc, g_ptr, g_desc, c_ptr, offs_ptr,
+    KA, NG, NB_I, NB_J,
+    s_am, s_gm, s_ce, s_cr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    """c[e] = a[rows of e]^T @ g[rows of e]; a: [N, KA], g: [N, NG], c: [E, KA, NG]. Experts without rows get 0."""
+    pid = tl.program_id(0)
+    per_expert = NB_I * NB_J
+    e = pid // per_expert
+    tile = pid % per_expert
+    i0 = (tile // NB_J) * BM
+    j0 = (tile % NB_J) * BN
+    start = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
+    end = tl.load(offs_ptr + e)
+    ia = i0 + tl.arange(0, BM)
+    jg = j0 + tl.arange(0, BN)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    tail = start
+    if USE_TMA:
+        # Whole BK-row chunks through TMA; the last partial chunk (rows of the next expert follow) by masked loads.
+        n_full = (end - start) // BK
+        for it in range(0, n_full):
+            r0 = start + it * BK
+            a = a_desc.load([r0, i0])
+            g = g_desc.load([r0, j0])
+            acc = tl.dot(tl.trans(a), g, acc)
+        tail = start + n_full * BK
+    for r0 in range(tail, end, BK):
+        rr = r0 + tl.arange(0, BK)
+        rmask = rr < end
+        rr64 = rr.to(tl.int64)
+        a = tl.load(a_ptr + rr64[:, None] * s_am + ia[None, :], mask=rmask[:, None] & (ia[None, :] < KA), other=0.0)
+        g = tl.load(g_ptr + rr64[:, None] * s_gm + jg[None, :], mask=rmask[:, None] & (jg[None, :] < NG), other=0.0)
+        acc = tl.dot(tl.trans(a), g, acc)
+    c_ptrs = c_ptr + e.to(tl.int64) * s_ce + ia[:, None] * s_cr + jg[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(ia[:, None] < KA) & (jg[None, :] < NG))
+
+
+def _e_p2(num_experts: int) -> int:
+    return max(16, triton.next_power_of_2(num_experts))
+
+
+def grouped_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, cfg: TileConfig, *,
+                    epilogue: int = _PLAIN, aux: torch.Tensor | None = None,
+                    tma: bool | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """a: [N, K] rows sorted by expert; b: [E, K, N'] (any strides with one contiguous dim); offs: [E] int32.
+
+    Returns [N, N'] (plain), ``(h13 [N, N'], h [N, N' / 2])`` (SwiGLU: b is w13 with its gate and up halves), or
+    the [N, N] gate/up gradients (SwiGLU backward: b is w2^T, aux the saved h13 [N, 2 * N']).
+    """
+    a = a.contiguous()
+    if b.stride(1) != 1 and b.stride(2) != 1:
+        b = b.contiguous()
+    tma = use_tma(a.device) if tma is None else tma
+    m, k = a.shape
+    num_experts, _, n_out = b.shape
+    b_kmajor = b.stride(1) == 1 and b.stride(2) != 1
+    n = n_out // 2 if epilogue == _SWIGLU else n_out
+    half = n if epilogue == _SWIGLU else n_out
+    c_cols = 2 * n if epilogue in (_SWIGLU, _SWIGLU_BWD) else n
+    c = a.new_empty(m, c_cols)
+    h = a.new_empty(m, n) if epilogue == _SWIGLU else c
+    aux = c if aux is None else aux.contiguous()
+    a_desc = b_desc = None
+    storage = b.transpose(1, 2) if b_kmajor else b
+    storage = storage.reshape(-1, storage.shape[-1])  # a view when the weights are contiguous
+    tma = tma and m > 0 and _tma_ok(a, storage)
+    if tma:
+        a_desc = TensorDescriptor.from_tensor(a, [cfg.bm, cfg.bk])
+        b_desc = TensorDescriptor.from_tensor(storage, [cfg.bn, cfg.bk] if b_kmajor else [cfg.bk, cfg.bn])
+    nb_n = triton.cdiv(n, cfg.bn)
+    grid = ((triton.cdiv(m, cfg.bm) + num_experts) * nb_n,)
+    if m:
+        _rows_kernel[grid](
+            a, a_desc, b, b_desc, c, aux, h, offs,
+            num_experts, n, k, nb_n, half, n_out,
+            a.stride(0), b.stride(0), b.stride(1), b.stride(2), c.stride(0), aux.stride(0), h.stride(0),
+            BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, E_P2=_e_p2(num_experts),
+            B_KMAJOR=b_kmajor, USE_TMA=tma, EPILOGUE=epilogue,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return (c, h) if epilogue == _SWIGLU else c
+
+
+def grouped_wgrad(a: torch.Tensor, g: torch.Tensor, offs: torch.Tensor, cfg: TileConfig, *,
+                  tma: bool | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """a: [N, KA], g: [N, NG] rows sorted by expert -> [E, KA, NG] per-expert a^T @ g."""
+    a, g = a.contiguous(), g.contiguous()
+    tma = use_tma(a.device) if tma is None else tma
+    ka, ng, num_experts = a.shape[1], g.shape[1], offs.shape[0]
+    c = a.new_empty(num_experts, ka, ng, dtype=out_dtype or a.dtype)
+    a_desc = g_desc = None
+    tma = tma and a.shape[0] > 0 and _tma_ok(a, g)
+    if tma:
+        a_desc = TensorDescriptor.from_tensor(a, [cfg.bk, cfg.bm])
+        g_desc = TensorDescriptor.from_tensor(g, [cfg.bk, cfg.bn])
+    nb_i, nb_j = triton.cdiv(ka, cfg.bm), triton.cdiv(ng, cfg.bn)
+    if num_experts:
+        _wgrad_kernel[(num_experts * nb_i * nb_j,)](
+            a, a_desc, g, g_desc, c, offs, ka, ng, nb_i, nb_j,
+            a.stride(0), g.stride(0), c.stride(0), c.stride(1),
+            BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, USE_TMA=tma,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return c
+
+
+def experts_forward(x: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                    configs: dict[str, TileConfig] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x: [N, D], offs: [E] int32, w13: [E, D, 2H], w2: [E, H, D] -> (y [N, D], h13 [N, 2H], h [N, H])."""
+    cfgs = configs or CONFIGS
+    h13, h = grouped_rows_mm(x, w13, offs, cfgs["fwd1"], epilogue=_SWIGLU)
+    y = grouped_rows_mm(h, w2, offs, cfgs["fwd2"])
+    return y, h13, h
+
+
+def experts_backward(dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                     h13: torch.Tensor, h: torch.Tensor, configs: dict[str, TileConfig] | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dx [N, D], dw13 [E, D, 2H], dw2 [E, H, D]) from dy [N, D] and the forward's saved tensors."""
+    cfgs = configs or CONFIGS
+    dh13 = grouped_rows_mm(dy, w2.transpose(1, 2), offs, cfgs["dgrad2"], epilogue=_SWIGLU_BWD, aux=h13)
+    dw2 = grouped_wgrad(h, dy, offs, cfgs["wgrad2"], out_dtype=w2.dtype)
+    dx = grouped_rows_mm(dh13, w13.transpose(1, 2), offs, cfgs["dgrad1"])
+    dw13 = grouped_wgrad(x, dh13, offs, cfgs["wgrad1"], out_dtype=w13.dtype)
+    return dx, dw13, dw2
+
+
+# Custom ops keep torch.compile from tracing into the Triton launches (it sees one opaque op each way).
+@torch.library.custom_op("lightning_moe::triton_experts_fwd", mutates_args=())
+def _experts_fwd_op(x: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor,
+                    w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return experts_forward(x, offs, w13, w2)
+
+
+@_experts_fwd_op.register_fake
+def _(x, offs, w13, w2):
+    n, hidden = x.shape[0], w2.shape[1]
+    return x.new_empty(n, w2.shape[2]), x.new_empty(n, 2 * hidden), x.new_empty(n, hidden)
+
+
+@torch.library.custom_op("lightning_moe::triton_experts_bwd", mutates_args=())
+def _experts_bwd_op(dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                    h13: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return experts_backward(dy, x, offs, w13, w2, h13, h)
+
+
+@_experts_bwd_op.register_fake
+def _(dy, x, offs, w13, w2, h13, h):
+    return torch.empty_like(x), torch.empty_like(w13), torch.empty_like(w2)
+
+
+class _TritonExperts(torch.autograd.Function):
+    """Returns only y, so autograd never materialises zero gradients for the saved h13 and h."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+        y, h13, h = _experts_fwd_op(x, offs, w13, w2)
+        ctx.save_for_backward(x, offs, w13, w2, h13, h)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, offs, w13, w2, h13, h = ctx.saved_tensors
+        dx, dw13, dw2 = _experts_bwd_op(dy, x, offs, w13, w2, h13, h)
+        return dx, None, dw13, dw2
+
+
+def triton_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """The expert kernel: x [N, D] sorted by expert, counts [E] -> [N, D] (see ``kernels.py``)."""
+    offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    return _TritonExperts.apply(x, offs, w13.to(x.dtype), w2.to(x.dtype))
