@@ -20,6 +20,7 @@ from lightning_moe.models.transformer import MoETransformer
 from lightning_moe.moe.balance import collect_expert_load, imbalance, moe_layers, update_expert_biases
 from lightning_moe.optim import OptimizerConfig, build_optimizer
 from lightning_moe.parallel.clip import clip_grad_norm_
+from lightning_moe.parallel.expert_parallel import ExpertParallel
 
 
 class MoELanguageModel(pl.LightningModule):
@@ -173,7 +174,13 @@ class MoELanguageModel(pl.LightningModule):
         ):
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        norm = clip_grad_norm_(params, gradient_clip_val, extra_groups=self.grad_norm_groups)
+        weights = {}  # redundant expert replicas (EPLB): each logical expert counts once in the norm
+        for m in self.model.modules():
+            if isinstance(m, ExpertParallel) and m.replicated:
+                for p in (m.w13, m.w2):
+                    if p.grad is not None:
+                        weights[id(p)] = m.slot_norm_weights(p.grad)
+        norm = clip_grad_norm_(params, gradient_clip_val, extra_groups=self.grad_norm_groups, weights=weights)
         self.log("train/grad_norm", norm)
 
     # --- optimizer ---

@@ -18,20 +18,30 @@ from torch.distributed.tensor import DTensor
 
 @torch.no_grad()
 def clip_grad_norm_(parameters: Iterable[torch.nn.Parameter], max_norm: float,
-                    extra_groups: Iterable[dist.ProcessGroup] = ()) -> torch.Tensor:
+                    extra_groups: Iterable[dist.ProcessGroup] = (),
+                    weights: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
     """Clip the global 2-norm of all gradients to ``max_norm``; returns the norm before clipping (a plain tensor).
 
     extra_groups: process groups over which the (already mesh-complete) squared norms are summed, e.g. the pipeline
     group, whose ranks hold different parameters.
+    weights: ``id(param) -> w`` (broadcastable to, and sharded like, its gradient): that gradient's squared entries
+    count with weight ``w`` (redundant expert replicas count 1 / replicas each, so each expert counts once).
     """
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
+    weights = weights or {}
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
         return torch.zeros(())
     groups: dict[object, list[torch.Tensor]] = defaultdict(list)
-    for g in grads:
+    total_sq = None
+    for p in params:
+        g = p.grad
+        if id(p) in weights:
+            sq = (g.float().square() * weights[id(p)]).sum()
+            sq = sq.full_tensor() if isinstance(sq, DTensor) else sq
+            total_sq = sq if total_sq is None else total_sq + sq.to(total_sq.device)
+            continue
         key = (g.device_mesh, g.placements) if isinstance(g, DTensor) else None
         groups[key].append(g)
-    total_sq = None
     for members in groups.values():
         norms = torch._foreach_norm(members, 2.0)
         sq = torch.stack([n.full_tensor() if isinstance(n, DTensor) else n for n in norms]).float().square().sum()
@@ -42,4 +52,7 @@ def clip_grad_norm_(parameters: Iterable[torch.nn.Parameter], max_norm: float,
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for members in groups.values():
         torch._foreach_mul_(members, scale.to(members[0].device))
+    for p in params:
+        if id(p) in weights:
+            p.grad.mul_(scale.to(p.grad.device))
     return total

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_to_all_counts", "all_to_all_rows", "set_comm_hook"]
+__all__ = ["all_to_all_counts", "all_to_all_rows", "all_to_all_split_sizes", "set_comm_hook"]
 
 _comm_hook: Callable[[str], None] | None = None
 
@@ -29,10 +29,13 @@ def set_comm_hook(hook: Callable[[str], None] | None) -> Callable[[str], None] |
 
 
 def _issue_and_wait(work: dist.Work | None, name: str) -> None:
-    if _comm_hook is not None:
-        _comm_hook(name)
-    if work is not None:
-        work.wait()
+    try:
+        if _comm_hook is not None:
+            _comm_hook(name)
+    finally:
+        # Also when the hook raises (the overlap aborting this lane): never leave an issued collective unwaited.
+        if work is not None:
+            work.wait()
 
 
 def all_to_all_counts(counts: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -42,6 +45,42 @@ def all_to_all_counts(counts: torch.Tensor, group: dist.ProcessGroup) -> torch.T
     work = dist.all_to_all_single(out, counts, group=group, async_op=True)
     _issue_and_wait(work, "counts")
     return out
+
+
+def all_to_all_split_sizes(counts: torch.Tensor, group: dist.ProcessGroup) -> tuple[torch.Tensor, list[int],
+                                                                                        list[int]]:
+    """The count exchange and the host split sizes of the row all-to-alls, with a host synchronisation that waits
+    only for this rank's own queued work (so that the pipeline overlap keeps the other lane's kernels queued).
+
+    counts: [E] int64 rows this rank sends to each global expert -> ``(recv_counts, send_splits, recv_splits)``:
+    ``recv_counts`` [E] as ``all_to_all_counts`` returns it (laid out ``[ep, E / ep]``), ``send_splits[r]`` rows for
+    rank r, ``recv_splits[r]`` rows from rank r.
+
+    Same result as ``all_to_all_counts`` followed by ``.tolist()`` of the per-rank sums. On CUDA it differs in when
+    the hook runs: the current stream is made to wait for the exchange, the sums are copied to pinned host memory
+    asynchronously, and only then is the hook called and the copy waited on. A plain ``.tolist()`` after the hook
+    would wait for every kernel the other lane queued meanwhile, drain the GPU queue and expose the next collective.
+    Pass a process group of its own (same ranks) to keep the tiny exchange from queueing behind the other lane's
+    token all-to-all on the shared NCCL stream. (The CUDA path has not been run on a GPU yet.)
+    """
+    ep = dist.get_world_size(group)
+    recv_counts = torch.empty_like(counts)
+    work = dist.all_to_all_single(recv_counts, counts, group=group, async_op=True)
+    if counts.device.type != "cuda":
+        _issue_and_wait(work, "counts")
+        send_splits, recv_splits = torch.stack([counts.view(ep, -1).sum(1), recv_counts.view(ep, -1).sum(1)]).tolist()
+        return recv_counts, send_splits, recv_splits
+    work.wait()  # NCCL: the current stream waits; the host does not
+    sums = torch.stack([counts.view(ep, -1).sum(1), recv_counts.view(ep, -1).sum(1)])
+    host = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=True)
+    host.copy_(sums, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    if _comm_hook is not None:
+        _comm_hook("counts")
+    copied.synchronize()
+    send_splits, recv_splits = host.tolist()
+    return recv_counts, send_splits, recv_splits
 
 
 def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup,

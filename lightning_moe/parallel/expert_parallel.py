@@ -20,10 +20,22 @@ process) and ``DTensor.full_tensor()`` gives the consolidated weights. Their gra
 placement and already sum the contributions of the tokens of every rank of the ep group; reducing them over the
 remaining data-parallel dimensions (and clipping them, see ECOSYSTEM B.5) is the strategy's job.
 
-Shapes: N routed rows of this rank, D hidden size, H expert hidden size, E global experts, L = E / ep local experts.
+Redundant experts (EPLB, ``lightning_moe.parallel.redundant_experts``): with ``num_redundant > 0`` the weights hold
+R = E + num_redundant physical expert *slots* (``w13 [R, D, 2H]``, R / ep per rank) and a placement ``phy2log [R]``
+says which logical expert each slot holds. The router still routes over the E logical experts; the dispatcher splits
+each expert's rows among its replicas and dispatches by slot, and the replicas' weight gradients are summed, so the
+layer computes the same function with the same gradients as without replicas. ``apply_placement`` moves weights and
+optimizer state to a new placement; state dicts stay in the logical ``[E, ...]`` layout. With ``num_redundant == 0``
+and no placement applied, nothing of this runs: the parameters and the forward are those described above.
+
+Shapes: N routed rows of this rank, D hidden size, H expert hidden size, E global (logical) experts, R physical
+slots (R = E without redundant experts), L = R / ep local experts (slots).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,6 +45,7 @@ from torch.distributed.tensor import DTensor, Shard
 from lightning_moe.moe.experts import RoutedExperts
 from lightning_moe.moe.kernels import loop_experts
 from lightning_moe.moe.layer import MoE
+from lightning_moe.parallel import redundant_experts as rx
 from lightning_moe.parallel.comm import all_to_all_counts, all_to_all_rows
 
 __all__ = ["ExpertParallel", "apply_expert_parallel", "expert_major_order"]
@@ -80,6 +93,14 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
+def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for size in reversed(shape):
+        stride.append(acc)
+        acc *= size
+    return tuple(reversed(stride))
+
+
 class ExpertParallel(RoutedExperts):
     """``RoutedExperts`` whose experts are spread over a 1-D ``ep`` device mesh; same ``forward(x, counts)`` contract.
 
@@ -87,10 +108,14 @@ class ExpertParallel(RoutedExperts):
     seeding every rank alike): each rank keeps its slice ``[r * E/ep, (r + 1) * E/ep)`` of ``w13``/``w2`` as the
     local shard of a ``Shard(0)`` DTensor. No communication happens here.
 
-    Attributes: ``num_experts`` is the local expert count L, ``global_num_experts`` is E, ``ep_mesh`` the mesh.
+    ``num_redundant`` adds that many physical slots (R = E + num_redundant, divisible by ep) holding replicas;
+    the initial placement is ``default_placement`` (slot ``s`` holds expert ``s % E``).
+
+    Attributes: ``num_experts`` is the local expert (slot) count L, ``global_num_experts`` is E, ``num_slots`` R,
+    ``ep_mesh`` the mesh, ``placement`` the current ``phy2log [R]`` (CPU).
     """
 
-    def __init__(self, experts: RoutedExperts, ep_mesh: DeviceMesh) -> None:
+    def __init__(self, experts: RoutedExperts, ep_mesh: DeviceMesh, num_redundant: int = 0) -> None:
         nn.Module.__init__(self)
         if not isinstance(ep_mesh, DeviceMesh) or ep_mesh.ndim != 1:
             raise TypeError(
@@ -103,8 +128,13 @@ class ExpertParallel(RoutedExperts):
         ep, rank = ep_mesh.size(), ep_mesh.get_local_rank()
         if num_experts % ep:
             raise ValueError(f"model.num_experts={num_experts} must be divisible by the expert-parallel size {ep}")
+        if num_redundant < 0 or num_redundant % ep:
+            raise ValueError(f"num_redundant={num_redundant} redundant experts must be >= 0 and divisible by the "
+                             f"expert-parallel size {ep} (every rank holds the same number of slots)")
+        num_slots = num_experts + num_redundant
         self.global_num_experts = num_experts
-        self.num_experts = num_experts // ep
+        self.num_slots = num_slots
+        self.num_experts = num_slots // ep
         self.dim, self.hidden_dim = experts.dim, experts.hidden_dim
         self.kernel_name, self.kernel, self.init_std = experts.kernel_name, experts.kernel, experts.init_std
         self.ep_mesh = ep_mesh
@@ -113,35 +143,166 @@ class ExpertParallel(RoutedExperts):
         # gradient sums the tokens of the whole ep group, and data-parallel averaging must not count them ep times.
         self.weight_grad_scale = 1.0
         first = rank * self.num_experts
+        self._set_placement(rx.default_placement(num_experts, num_slots))
         for name in ("w13", "w2"):
             full = getattr(experts, name)
-            local = full.detach()[first:first + self.num_experts].clone()
-            sharded = DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False,
-                                         shape=full.shape, stride=full.stride())
+            if num_redundant:
+                local = full.detach()[self._phy2log[first:first + self.num_experts].to(full.device)].clone()
+                shape = (num_slots, *full.shape[1:])
+                stride = _contiguous_stride(shape)
+            else:
+                local = full.detach()[first:first + self.num_experts].clone()
+                shape, stride = full.shape, full.stride()
+            sharded = DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False, shape=shape, stride=stride)
             setattr(self, name, nn.Parameter(sharded, requires_grad=full.requires_grad))
+        self.register_state_dict_post_hook(ExpertParallel._logical_state_dict)
+        self.register_load_state_dict_pre_hook(ExpertParallel._physical_load_state_dict)
 
     @property
     def expert_range(self) -> tuple[int, int]:
-        """[first, last) global expert ids held by this rank."""
+        """[first, last) global expert ids (physical slots) held by this rank."""
         return self.ep_rank * self.num_experts, (self.ep_rank + 1) * self.num_experts
 
     def extra_repr(self) -> str:
         first, last = self.expert_range
-        return (f"experts={first}..{last - 1} of {self.global_num_experts}, ep={self.ep_size}, dim={self.dim}, "
-                f"hidden_dim={self.hidden_dim}, kernel={self.kernel_name}")
+        slots = f", slots={self.num_slots}" if self.num_slots != self.global_num_experts else ""
+        return (f"experts={first}..{last - 1} of {self.global_num_experts}{slots}, ep={self.ep_size}, "
+                f"dim={self.dim}, hidden_dim={self.hidden_dim}, kernel={self.kernel_name}")
+
+    # --- placement -----------------------------------------------------------------------------------------------
+    @property
+    def placement(self) -> torch.Tensor:
+        """phy2log [R] (CPU int64): the logical expert held by every physical slot."""
+        return self._phy2log.clone()
+
+    @property
+    def replica_counts(self) -> torch.Tensor:
+        """logcnt [E] (CPU int64): replicas of every logical expert."""
+        return self._logcnt.clone()
+
+    @property
+    def replicated(self) -> bool:
+        """Whether slots differ from logical experts (redundant slots, or a placement other than the identity)."""
+        return self._replicated
+
+    def _set_placement(self, phy2log: torch.Tensor) -> None:
+        """Only the tables: the weights must already match ``phy2log``. Plain CPU attributes, not buffers, so that
+        ``to_empty`` (meta-device init) leaves them intact; device copies are made on first use."""
+        e, r = self.global_num_experts, self.num_slots
+        self._phy2log = rx.validate_placement(phy2log, e, r)
+        self._log2phy, self._logcnt = rx.placement_tables(self._phy2log, e)
+        self._replicated = r != e or not torch.equal(self._phy2log, torch.arange(r))
+        first, last = self.expert_range
+        shared = (self._logcnt > 1).nonzero().flatten()
+        to_shared = torch.full((e,), -1, dtype=torch.int64)
+        to_shared[shared] = torch.arange(shared.numel())
+        self._slot_to_shared = to_shared[self._phy2log[first:last]]  # [L]
+        self._num_shared = int(shared.numel())
+        self._device_tables: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        if device not in self._device_tables:
+            self._device_tables[device] = tuple(t.to(device) for t in (self._log2phy, self._logcnt))
+        return self._device_tables[device]
+
+    @torch.no_grad()
+    def apply_placement(self, phy2log: Any, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
+        """Switch to placement ``phy2log [R]``: every slot gets the weights and the optimizer state (per-element
+        tensors of ``optimizers``, e.g. AdamW ``exp_avg``/``exp_avg_sq``; ``step`` is per tensor and unchanged) of a
+        replica of its new logical expert. The layer computes the same function before and after.
+
+        A collective over the weights' mesh (every rank of the ep group and of FSDP's expert data-parallel mesh must
+        call it). Simple rather than lean: each of ``w13``, ``w2`` and their state tensors is all-gathered whole on
+        every rank, one at a time, so the peak extra memory is about two copies of one full ``[R, ...]`` tensor of
+        this layer (plus the all-gather traffic of 3x the layer's expert weights with AdamW). Call it between
+        optimizer steps (gradients are not moved).
+        """
+        new = rx.validate_placement(phy2log, self.global_num_experts, self.num_slots)
+        src = self._log2phy[:, 0][new]  # for each new slot: an old slot that holds its logical expert
+        if not torch.equal(src, torch.arange(self.num_slots)):
+            optimizers = list(optimizers)
+            for name in ("w13", "w2"):
+                param = getattr(self, name)
+                for t in (param, *rx.optimizer_states(optimizers, param)):
+                    rx.gather_rows_(t, src)
+        self._set_placement(new)
+
+    def logical_from_slots(self, t: torch.Tensor) -> torch.Tensor:
+        """A ``[R, ...]`` slot tensor (a weight, or optimizer state like it) -> ``[E, ...]`` in expert order, sharded
+        the same way. A collective (see ``redundant_experts.to_logical``)."""
+        if t.shape[0] != self.num_slots:
+            raise ValueError(f"expected a tensor with one row per physical slot ({self.num_slots}), got "
+                             f"{tuple(t.shape)}")
+        return rx.to_logical(t, self._log2phy[:, 0])
+
+    def slots_from_logical(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """An ``[E, ...]`` tensor in expert order -> ``[R, ...]`` slots of the current placement, sharded like
+        ``like``. A collective."""
+        if t.shape[0] != self.global_num_experts:
+            raise ValueError(
+                f"expected expert weights in the logical layout, one row per expert ({self.global_num_experts}), got "
+                f"{tuple(t.shape)}: checkpoints of layers with redundant experts are saved in the logical layout")
+        return rx.to_physical(t, self._phy2log, like)
+
+    def slot_norm_weights(self, like: torch.Tensor) -> torch.Tensor:
+        """[R, 1, ...] fp32: 1 / (replicas of each slot's expert), sharded like ``like`` (``w13``, ``w2`` or their
+        gradients). ``(grad.float().square() * weights).sum()`` is the squared norm of the logical experts'
+        gradient, each expert counted once however many replicas it has: what gradient-norm clipping should use."""
+        w = 1.0 / self._logcnt[self._phy2log].to(torch.float32)
+        return rx.shard_like(w.view(-1, *([1] * (like.dim() - 1))).to(like.device), like)
+
+    def _logical_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+        if self._replicated:
+            for name in ("w13", "w2"):
+                if prefix + name in state_dict:
+                    state_dict[prefix + name] = self.logical_from_slots(state_dict[prefix + name])
+
+    def _physical_load_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        if self._replicated:
+            for name in ("w13", "w2"):
+                if prefix + name in state_dict:
+                    state_dict[prefix + name] = self.slots_from_logical(state_dict[prefix + name],
+                                                                        like=getattr(self, name))
+
+    def reset_parameters(self) -> None:
+        """Random init (meta-device materialisation); with replicas, each slot then copies its expert's first
+        replica (a collective, see ``apply_placement``) so that replicas start identical."""
+        super().reset_parameters()
+        if self.num_slots != self.global_num_experts:
+            with torch.no_grad():
+                src = self._log2phy[:, 0][self._phy2log]
+                for name in ("w13", "w2"):
+                    rx.gather_rows_(getattr(self, name), src)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: [N, D] rows sorted by global expert; counts: [E] int64 rows per global expert -> [N, D], same order."""
         w13, w2 = self.local_weights()
         if self.weight_grad_scale != 1.0 and torch.is_grad_enabled():
             w13, w2 = _ScaleGrad.apply(w13, self.weight_grad_scale), _ScaleGrad.apply(w2, self.weight_grad_scale)
-        if self.ep_size == 1:
+        if self.ep_size == 1 and not self._replicated:
             return self.kernel(x, counts, w13, w2)
-        ep, num_local = self.ep_size, self.num_experts
         if counts.shape != (self.global_num_experts,):
             raise ValueError(f"counts must have shape [{self.global_num_experts}], got {tuple(counts.shape)}")
-        group = self.ep_mesh.get_group()
         counts = counts.to(device=x.device, dtype=torch.int64).contiguous()
+        if not self._replicated:
+            return self._dispatch_compute_combine(x, counts, w13, w2)
+
+        # Redundant experts: give every row one replica of its expert, sort the rows by physical slot, and run the
+        # same exchange over slots instead of experts; then restore the input order.
+        log2phy, logcnt = self._tables(x.device)
+        slot = rx.assign_replicas(counts, log2phy, logcnt, self.ep_rank, x.shape[0])
+        order = torch.sort(slot, stable=True).indices
+        slot_counts = torch.bincount(slot, minlength=self.num_slots)
+        y = self._dispatch_compute_combine(x.index_select(0, order), slot_counts, w13, w2, replicated=True)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        return y.index_select(0, inverse)
+
+    def _dispatch_compute_combine(self, x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                                  replicated: bool = False) -> torch.Tensor:
+        """x: [N, D] rows sorted by global slot; counts: [R] int64 rows per slot -> [N, D], same order."""
+        ep, num_local = self.ep_size, self.num_experts
+        group = self.ep_mesh.get_group()
 
         # 1. Exchange the counts: recv_counts[s, e] = rows source rank s sends to local expert e.
         recv_counts = all_to_all_counts(counts, group).view(ep, num_local)
@@ -157,6 +318,10 @@ class ExpertParallel(RoutedExperts):
         # 3. Expert-major re-sort, local experts, and back to the received layout.
         to_expert_major, to_source_major = expert_major_order(recv_counts, num_recv)
         local_x = received.index_select(0, to_expert_major)
+        if replicated:
+            # Replicas' weight gradients are summed here in backward (before the gradient rows travel back).
+            local_x, w13, w2 = rx.ReplicaGradSum.apply(local_x, w13, w2, self._slot_to_shared, self._num_shared,
+                                                       group)
         local_counts = recv_counts.sum(0)
         if num_recv == 0:
             # Nothing to compute, but the local experts must still run (on zero rows): that keeps the row
@@ -172,12 +337,14 @@ class ExpertParallel(RoutedExperts):
         return all_to_all_rows(back, send_splits, recv_splits, group, "combine")
 
 
-def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> None:
+def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, num_redundant: int = 0) -> None:
     """Shard the routed experts of every ``MoE`` in ``model`` over the 1-D ``ep_mesh``, in place.
 
     Each ``moe.experts`` becomes an ``ExpertParallel`` holding this rank's slice of the weights as ``Shard(0)``
     DTensors; state-dict keys and global shapes stay those of the unsharded model. Routers, shared experts and
     every other module are untouched (replicated). Every rank must hold the same full weights when this is called.
+    ``num_redundant``: extra physical slots per layer for redundant experts (a multiple of the ep size); layers that
+    are already ``ExpertParallel`` are left as they are.
     """
     if not isinstance(ep_mesh, DeviceMesh) or ep_mesh.ndim != 1:
         raise TypeError(f"apply_expert_parallel needs a 1-D DeviceMesh (the ep dimension), got {ep_mesh!r}")
@@ -189,4 +356,4 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> None:
             )
     for moe in moes:
         if not isinstance(moe.experts, ExpertParallel):
-            moe.experts = ExpertParallel(moe.experts, ep_mesh)
+            moe.experts = ExpertParallel(moe.experts, ep_mesh, num_redundant)

@@ -24,7 +24,8 @@ def train(run_dir: Path, devices: int, *overrides: str, check: bool = True, dp: 
     for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     cmd = [sys.executable, "-m", "lightning_moe.train", "recipe=tiny", "logger=csv", f"hydra.run.dir={run_dir}",
-           "strategy=moe", "trainer.accelerator=cpu", f"trainer.devices={devices}", f"data.batch_size={16 // (dp or devices)}",
+           "strategy=moe", "trainer.accelerator=cpu", f"trainer.devices={devices}",
+           f"data.batch_size={16 // (dp or devices)}",
            "trainer.enable_progress_bar=false", "trainer.val_check_interval=6", "trainer.limit_val_batches=1",
            f"callbacks.model_checkpoint.every_n_train_steps={HALF}", "~callbacks.throughput", *overrides]
     proc = subprocess.run(cmd, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=300)
