@@ -34,6 +34,7 @@ class MoEStrategyConfig:
     pipeline_microbatches: Optional[int] = None
     pipeline_stages_per_rank: int = 2
     pipeline_layers: Optional[list[int]] = None
+    pipeline_overlap: bool = True
 
 
 cs = ConfigStore.instance()

@@ -66,6 +66,8 @@ class MoEStrategy(ModelParallelStrategy):
         pipeline_microbatches: microbatches per batch (None: twice the number of stages).
         pipeline_stages_per_rank: stages per rank of "interleaved_1f1b" (V schedules have 2, the others 1).
         pipeline_layers: manual cut, layers of every stage in order (None: as even as possible).
+        pipeline_overlap: DualPipeV with ep > 1: overlap the paired forward and backward chunks so that the expert
+            all-to-alls of one run beside the computation of the other (``lightning_moe.pipeline.overlap``).
     """
 
     strategy_name = "moe"
@@ -76,7 +78,8 @@ class MoEStrategy(ModelParallelStrategy):
                  ep_groups: int | None = None, max_ep_groups: int | None = None,
                  save_distributed_checkpoint: bool = True, pipeline_schedule: str = "dualpipe",
                  pipeline_microbatches: int | None = None, pipeline_stages_per_rank: int = 2,
-                 pipeline_layers: list[int] | None = None, process_group_backend: str | None = None,
+                 pipeline_layers: list[int] | None = None, pipeline_overlap: bool = True,
+                 process_group_backend: str | None = None,
                  timeout: timedelta | None = None) -> None:
         kwargs = {} if timeout is None else {"timeout": timeout}
         super().__init__(save_distributed_checkpoint=save_distributed_checkpoint,
@@ -89,6 +92,7 @@ class MoEStrategy(ModelParallelStrategy):
         self.pipeline_schedule, self.pipeline_microbatches = pipeline_schedule, pipeline_microbatches
         self.pipeline_stages_per_rank = pipeline_stages_per_rank
         self.pipeline_layers = tuple(pipeline_layers) if pipeline_layers is not None else None
+        self.pipeline_overlap = pipeline_overlap
         self.dims: ParallelDims | None = None
         self.meshes: Meshes | None = None
         self.plan: PipelinePlan | None = None
@@ -165,7 +169,8 @@ class MoEStrategy(ModelParallelStrategy):
         if stages is not None:
             self.pipeline = PipelineRunner(self.plan, stages, self.meshes.pp.get_group(), self.root_device, model.cfg,
                                            tie_group=self._tie_group(model),
-                                           activation_dtype=self.param_dtype or next(model.parameters()).dtype)
+                                           activation_dtype=self.param_dtype or next(model.parameters()).dtype,
+                                           overlap=self.pipeline_overlap)
             module.pipeline = self.pipeline
             module.grad_norm_groups = [self.meshes.pp.get_group()]
 

@@ -24,8 +24,10 @@ from lightning_moe.errors import ConfigError
 from lightning_moe.models.config import ModelConfig
 from lightning_moe.models.mtp import mtp_losses
 from lightning_moe.moe.layer import MoE
+from lightning_moe.parallel.expert_parallel import ExpertParallel
 from lightning_moe.pipeline.actions import register_unsplit_backward
 from lightning_moe.pipeline.forward_only import ForwardOnlySchedule
+from lightning_moe.pipeline.overlap import enable_overlap
 from lightning_moe.pipeline.split import PipelinePlan
 from lightning_moe.pipeline.stage import StageModule
 
@@ -38,12 +40,13 @@ class PipelineRunner:
     ``step(tokens, targets, train=True)`` returns ``[main_loss, mtp_loss_1, ..., mtp_loss_k]`` (means over the batch,
     detached), the same on every rank of ``pp_group``. ``mtp_weight`` is the MTP loss weight of the coming steps.
     ``tie_group``: the pipeline ranks holding copies of the embedding (the first stage's and the last stage's, for MTP
-    under loop schedules), whose gradients are summed after each training step.
+    under loop schedules), whose gradients are summed after each training step. ``overlap``: DualPipeV runs each
+    paired forward and backward chunk as two lanes that interleave at the EP all-to-alls (``pipeline.overlap``).
     """
 
     def __init__(self, plan: PipelinePlan, stage_modules: list[StageModule], pp_group: dist.ProcessGroup,
                  device: torch.device, cfg: ModelConfig, tie_group: dist.ProcessGroup | None = None,
-                 activation_dtype: torch.dtype = torch.float32) -> None:
+                 activation_dtype: torch.dtype = torch.float32, overlap: bool = True) -> None:
         self.plan, self.stage_modules, self.pp_group, self.device = plan, stage_modules, pp_group, device
         self.mtp_depth, self.tie_group = cfg.mtp_depth, tie_group
         self.dim, self.vocab_size, self.activation_dtype = cfg.dim, cfg.vocab_size, activation_dtype
@@ -52,6 +55,9 @@ class PipelineRunner:
         self._moe_layers = [m for stage in stage_modules for m in stage.modules() if isinstance(m, MoE)]
         self._schedules: dict[tuple[int, int, bool], Any] = {}
         self._fsdp = any(isinstance(m, FSDPModule) for m in stage_modules)
+        self.overlap = overlap
+        self._expert_parallel = any(isinstance(m.experts, ExpertParallel) and m.experts.ep_size > 1
+                                    for m in self._moe_layers)
 
     def _stage_io(self, stage: StageModule, mb: int, seq: int) -> tuple[tuple, tuple]:
         """Meta tensors with the shapes of a stage's input and output for microbatches [mb, seq]: torch then skips
@@ -89,6 +95,8 @@ class PipelineRunner:
                 raise ConfigError(f"strategy.pipeline_schedule={self.plan.schedule}: {err}") from err
             if hasattr(schedule, "register_custom_function") and self._fsdp:
                 register_unsplit_backward(schedule)
+            if self.overlap and self._expert_parallel and self.plan.schedule == "dualpipe":
+                enable_overlap(schedule)  # EP dispatch/combine of one microbatch hides behind another's compute
             self._schedules[key] = schedule
         return self._schedules[key]
 

@@ -40,10 +40,12 @@ def test_dualpipe_pp2_trains_like_one_process_and_resumes_without_pipeline(tmp_p
     _close(resumed, reference)
 
 
-def test_1f1b_pp2_x_ep2_on_4_processes_trains_like_one_process(tmp_path, reference):
+def test_dualpipe_pp2_x_ep2_with_overlap_and_checkpointing_on_4_processes_trains_like_one_process(tmp_path,
+                                                                                                 reference):
+    # DualPipeV with ep=2 overlaps its paired F/B chunks (the default), here with activation checkpointing on
     run_dir = tmp_path / "run"
-    train(run_dir, 4, "strategy.pp=2", "strategy.ep=2", "strategy.pipeline_schedule=1f1b",
-          f"trainer.max_steps={HALF}", *SAME, dp=2)
+    train(run_dir, 4, "strategy.pp=2", "strategy.ep=2", "strategy.pipeline_schedule=dualpipe",
+          "strategy.activation_checkpointing=true", f"trainer.max_steps={HALF}", *SAME, dp=2)
     _close(losses(run_dir), reference)
 
 
@@ -61,3 +63,25 @@ def test_bad_pipeline_configs_fail_with_one_line(tmp_path, override, message):
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("lightning-moe-train: error:")]
     assert errors and all(re.search(message, e) for e in errors), proc.stderr[-2000:]
+
+
+def test_1f1b_pp2_with_mtp_trains_like_one_process(tmp_path):
+    # MTP on the last stage; under 1F1B the last stage holds its own copy of the embedding, kept in sync
+    mtp = ("model.mtp_depth=1", "model.mtp_lambda=0.3", f"trainer.max_steps={HALF}", *SAME)
+    train(tmp_path / "ref", 1, "strategy.pp=1", *mtp)
+    train(tmp_path / "pp", 2, "strategy.pp=2", "strategy.pipeline_schedule=1f1b", *mtp, dp=1)
+    ref, got = _metrics(tmp_path / "ref"), _metrics(tmp_path / "pp")
+    for key in ("train/loss", "train/mtp_loss"):
+        assert len(got[key]) == HALF
+        _close(got[key], ref[key])
+
+
+def _metrics(run_dir) -> dict[str, dict[int, float]]:
+    import csv
+
+    out: dict[str, dict[int, float]] = {}
+    for row in csv.DictReader(open(run_dir / "csv" / "version_0" / "metrics.csv")):
+        for key, value in row.items():
+            if value and key != "step":
+                out.setdefault(key, {})[int(row["step"])] = float(value)
+    return out
