@@ -142,10 +142,21 @@ class MoELanguageModel(pl.LightningModule):
         return mean
 
     def _log_aux_losses(self) -> None:
+        """Sum over the MoE layers of each balance loss (under pipeline parallelism: over every stage's layers, from
+        each layer's last microbatch)."""
         totals: dict[str, torch.Tensor] = {}
         for _, moe in moe_layers(self.model):
             for name, value in moe.last_losses.items():
                 totals[name] = totals.get(name, 0) + value
+        if self.pipeline is not None:  # every rank joins, with or without MoE layers of its own
+            cfg = self.model_cfg
+            names = [n for n, coef in (("aux_loss", cfg.aux_loss_coef), ("seq_aux_loss", cfg.seq_aux_loss_coef),
+                                       ("z_loss", cfg.z_loss_coef)) if coef]
+            vec = torch.zeros(len(names), device=self.pipeline.device)
+            for i, name in enumerate(names):
+                vec[i] += totals.get(name, 0)
+            torch.distributed.all_reduce(vec, group=self.pipeline.pp_group)
+            totals = dict(zip(names, vec))
         for name, value in totals.items():
             self.log(f"train/{name}", value)
 
@@ -153,8 +164,15 @@ class MoELanguageModel(pl.LightningModule):
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         load, dropped = collect_expert_load(self.model, self.expert_load_group)
-        if load.numel():
+        if self.pipeline is not None:  # the mean over the layers of every stage
+            per_layer = (imbalance(load) if load.numel() else torch.zeros(0)).float().to(self.pipeline.device)
+            stats = torch.stack([per_layer.sum(), per_layer.new_tensor(float(per_layer.numel()))])
+            torch.distributed.all_reduce(stats, group=self.pipeline.pp_group)
+            if stats[1] > 0:
+                self.log("moe/imbalance", stats[0] / stats[1], prog_bar=True)
+        elif load.numel():
             self.log("moe/imbalance", imbalance(load).mean(), prog_bar=True)
+        if load.numel():
             if self.model_cfg.capacity_factor is not None:
                 self.log("moe/dropped_tokens", dropped.sum())
             update_expert_biases(self.model, load)

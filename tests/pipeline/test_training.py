@@ -19,18 +19,26 @@ def _close(curve: dict[int, float], reference: dict[int, float]) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference_dir(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ref") / "run"
     train(run_dir, 1, "strategy.pp=1", f"trainer.max_steps={STEPS}", *SAME)
-    return losses(run_dir)
+    return run_dir
 
 
-def test_dualpipe_pp2_trains_like_one_process_and_resumes_without_pipeline(tmp_path, reference):
+@pytest.fixture(scope="module")
+def reference(reference_dir):
+    return losses(reference_dir)
+
+
+def test_dualpipe_pp2_trains_like_one_process_and_resumes_without_pipeline(tmp_path, reference, reference_dir):
     a, b = tmp_path / "a", tmp_path / "b"
     # a mid-epoch checkpoint (the one written when fit ends marks the epoch done, and a resume starts the next one)
     train(a, 2, "strategy.pp=2", "strategy.pipeline_schedule=dualpipe", f"trainer.max_steps={HALF}",
           f"callbacks.model_checkpoint.every_n_train_steps={HALF}", *SAME, dp=1)
     _close(losses(a), reference)
+    # expert-load imbalance: the mean over the layers of both ranks, from loads summed over the microbatches
+    ref_metrics = _metrics(reference_dir)
+    _close(_metrics(a)["moe/imbalance"], ref_metrics["moe/imbalance"])
     ckpt = a / "checkpoints" / "last.ckpt"
     assert (ckpt / ".metadata").is_file()
     # the stages' shards together hold the whole model: one process resumes the same curve
