@@ -9,7 +9,8 @@ pytestmark = pytest.mark.slow
 
 STEPS, HALF = 8, 4
 # Balance losses that do not depend on how the batch is cut into microbatches (the classic aux loss does).
-SAME = ("model.n_layers=4", "model.aux_loss_coef=0", "model.seq_aux_loss_coef=0.01", "trainer.log_every_n_steps=1")
+SAME = ("model.n_layers=4", "model.aux_loss_coef=0", "model.seq_aux_loss_coef=0.01", "trainer.log_every_n_steps=1",
+        "trainer.val_check_interval=2")
 
 
 def _close(curve: dict[int, float], reference: dict[int, float]) -> None:
@@ -39,6 +40,9 @@ def test_dualpipe_pp2_trains_like_one_process_and_resumes_without_pipeline(tmp_p
     # expert-load imbalance: the mean over the layers of both ranks, from loads summed over the microbatches
     ref_metrics = _metrics(reference_dir)
     _close(_metrics(a)["moe/imbalance"], ref_metrics["moe/imbalance"])
+    # validation runs forward only through the pipeline (a forward-only schedule) and gives the same loss
+    assert len(_metrics(a)["val/loss"]) == HALF // 2
+    _close(_metrics(a)["val/loss"], ref_metrics["val/loss"])
     ckpt = a / "checkpoints" / "last.ckpt"
     assert (ckpt / ".metadata").is_file()
     # the stages' shards together hold the whole model: one process resumes the same curve
