@@ -21,8 +21,6 @@ only with an explicit ``--out`` (CPU timings say nothing about GPUs).
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import statistics
 import sys
 import time
@@ -31,11 +29,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _launch import init_distributed, launch, write_results  # noqa: E402 - benchmarks/ is on sys.path
 
 from lightning_moe.models.attention import RotaryEmbedding  # noqa: E402
 from lightning_moe.models.config import ModelConfig  # noqa: E402
@@ -43,8 +42,6 @@ from lightning_moe.models.transformer import TransformerBlock  # noqa: E402
 from lightning_moe.parallel.expert_parallel import apply_expert_parallel  # noqa: E402
 from lightning_moe.parallel.parallelize import apply_activation_checkpointing  # noqa: E402
 from lightning_moe.pipeline.overlap import run_overlapped  # noqa: E402
-
-BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
 def model_config(tiny: bool, seq: int) -> ModelConfig:
@@ -201,27 +198,11 @@ def table(rows: list[dict], cfg: ModelConfig, args, device: torch.device, dtype:
     return "\n".join(lines)
 
 
-def write_results(path: Path, text: str) -> None:
-    """Replace the text between the result markers of ``path`` (append a section if it has none)."""
-    doc = path.read_text() if path.exists() else "# Pipeline forward/backward overlap\n"
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in doc and END in doc:
-        doc = doc[:doc.index(BEGIN)] + block + doc[doc.index(END) + len(END):]
-    else:
-        doc = doc.rstrip("\n") + f"\n\n## Results\n\n{block}\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(doc)
 
 
 def worker(args) -> None:
     use_cuda = args.device == "cuda"
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    rank, world, device = init_distributed(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if use_cuda else "fp32")]
     cfg = model_config(args.tiny, args.seq)
     ep_mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("ep",))["ep"]
@@ -231,14 +212,10 @@ def worker(args) -> None:
         print(text, flush=True)
         out = args.out or ("docs/pipeline_overlap.md" if use_cuda else None)
         if out:
-            write_results(Path(out), text)
+            write_results(Path(out), text, "Pipeline forward/backward overlap")
     dist.destroy_process_group()
 
 
-def _spawned(local_rank: int, world: int, port: int, args) -> None:
-    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    worker(args)
 
 
 def main() -> None:
@@ -259,13 +236,7 @@ def main() -> None:
     if args.tiny:
         args.layers, args.seq, args.tokens = min(args.layers, 2), 32, [32, 64]
         args.warmup, args.reps = min(args.warmup, 1), min(args.reps, 3)
-    if "RANK" in os.environ:
-        worker(args)
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_spawned, args=(args.nproc, port, args), nprocs=args.nproc, start_method="spawn")
+    launch(worker, args, args.nproc)
 
 
 if __name__ == "__main__":

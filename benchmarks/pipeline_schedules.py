@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
-import socket
 import statistics
 import sys
 import time
@@ -37,9 +35,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _launch import init_distributed, launch, write_results  # noqa: E402 - benchmarks/ is on sys.path
 
 from lightning_moe.models.config import ModelConfig  # noqa: E402
 from lightning_moe.models.transformer import MoETransformer  # noqa: E402
@@ -48,7 +47,6 @@ from lightning_moe.parallel.parallelize import parallelize  # noqa: E402
 from lightning_moe.pipeline import PipelinePlan, PipelineRunner, StageModule, keep_stages  # noqa: E402
 from lightning_moe.pipeline.split import SCHEDULES  # noqa: E402
 
-BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 PP = 2
 COSTS = {"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0}  # per layer of the stage
 
@@ -247,29 +245,13 @@ def table(rows: list[dict], cfg: ModelConfig, args, device: torch.device, dtype:
     return "\n".join(lines)
 
 
-def write_results(path: Path, text: str) -> None:
-    """Replace the text between the result markers of ``path`` (append a section if it has none)."""
-    doc = path.read_text() if path.exists() else "# Pipeline schedules at pp=2\n"
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in doc and END in doc:
-        doc = doc[:doc.index(BEGIN)] + block + doc[doc.index(END) + len(END):]
-    else:
-        doc = doc.rstrip("\n") + f"\n\n## Results\n\n{block}\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(doc)
 
 
 def worker(args) -> None:
     use_cuda = args.device == "cuda"
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world, device = init_distributed(args.device)
     if world != PP:
         raise SystemExit(f"run with {PP} ranks (pp={PP}), got {world}")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if use_cuda else "fp32")]
     cfg = model_config(args)
     dims = ParallelDims(pp=PP, dp_shard=1, world_size=world)
@@ -289,14 +271,10 @@ def worker(args) -> None:
         print(text, flush=True)
         out = args.out or ("docs/pipeline_schedules.md" if use_cuda else None)
         if out:
-            write_results(Path(out), text)
+            write_results(Path(out), text, "Pipeline schedules at pp=2")
     dist.destroy_process_group()
 
 
-def _spawned(local_rank: int, world: int, port: int, args) -> None:
-    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    worker(args)
 
 
 def main() -> None:
@@ -328,13 +306,7 @@ def main() -> None:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if "RANK" in os.environ:
-        worker(args)
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_spawned, args=(args.nproc, port, args), nprocs=args.nproc, start_method="spawn")
+    launch(worker, args, args.nproc)
 
 
 if __name__ == "__main__":
