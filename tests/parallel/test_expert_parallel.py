@@ -24,6 +24,8 @@ from tests.parallel._dist import run_workers
 
 FP32 = dict(rtol=1e-5, atol=1e-6)
 BF16 = dict(rtol=2e-2, atol=2e-2)
+# Expert gradients sum rows from every rank in another order than one process does: fp32 rounding of a sum.
+FP32_SUM = dict(rtol=1e-4, atol=1e-5)
 
 
 def _cfg(num_experts: int, **kw) -> ModelConfig:
@@ -92,7 +94,7 @@ def _check_layer(rank: int, base_seed: int, mesh, num_experts: int, kernel: str,
         assert isinstance(p.grad, DTensor) and p.grad.placements == (Shard(0),)
         summed = getattr(ref.experts, name).grad.clone()
         dist.all_reduce(summed, group=ep_group)  # the EP gradients hold the tokens of every rank of the group
-        torch.testing.assert_close(p.grad.to_local(), summed[first:last], **tol,
+        torch.testing.assert_close(p.grad.to_local(), summed[first:last], **(FP32_SUM if tol is FP32 else tol),
                                    msg=lambda m, name=name: f"experts.{name} grad, rank {rank}: {m}")
         assert torch.isfinite(p.grad.to_local()).all()
 
