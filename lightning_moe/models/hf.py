@@ -443,7 +443,8 @@ def _safetensors():
     try:
         import safetensors.torch  # noqa: PLC0415 - needed only for Hugging Face interop
     except ImportError as err:
-        raise ImportError("Hugging Face import/export needs the safetensors package: pip install safetensors") from err
+        raise ImportError("Hugging Face import/export needs the safetensors package: "
+                          "pip install \"lightning-moe[hf]\" (or safetensors)") from err
     return safetensors
 
 
