@@ -28,7 +28,7 @@ from typing_extensions import override
 from lightning_moe.errors import ConfigError
 from lightning_moe.parallel.dims import Meshes, ParallelDims
 from lightning_moe.pipeline.runner import PipelineRunner
-from lightning_moe.pipeline.split import SCHEDULES, PipelinePlan
+from lightning_moe.pipeline.split import PipelinePlan
 from lightning_moe.pipeline.stage import StageModule, keep_stages
 
 if TYPE_CHECKING:
@@ -123,10 +123,7 @@ class MoEStrategy(ModelParallelStrategy):
         if trainer is not None and trainer.accumulate_grad_batches != 1:
             raise ConfigError(f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}: with "
                               "strategy.pp > 1 use strategy.pipeline_microbatches instead (the schedule accumulates)")
-        spec = SCHEDULES.get(self.pipeline_schedule)
-        per_rank = (spec.stages_per_rank or self.pipeline_stages_per_rank) if spec else 1
-        microbatches = self.pipeline_microbatches or 2 * self.dims.pp * per_rank
-        return PipelinePlan(self.pipeline_schedule, self.dims.pp, cfg.n_layers, microbatches,
+        return PipelinePlan(self.pipeline_schedule, self.dims.pp, cfg.n_layers, self.pipeline_microbatches,
                             stages_per_rank=self.pipeline_stages_per_rank, layers_per_stage=self.pipeline_layers)
 
     @property

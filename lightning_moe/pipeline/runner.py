@@ -100,10 +100,6 @@ class PipelineRunner:
             self._schedules[key] = schedule
         return self._schedules[key]
 
-    @property
-    def has_last_stage(self) -> bool:
-        return any(m.is_last for m in self.stage_modules)
-
     def _loss(self, output, target: torch.Tensor) -> torch.Tensor:
         logits, *mtp_logits = output if isinstance(output, tuple) else (output,)
         main = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten())

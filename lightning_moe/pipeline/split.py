@@ -69,13 +69,15 @@ class PipelinePlan:
     schedule: str
     pp: int
     n_layers: int
-    microbatches: int
+    microbatches: int | None = None  # None: twice the number of stages
     stages_per_rank: int = 2
     layers_per_stage: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"strategy.pipeline_schedule={self.schedule!r}: must be one of {', '.join(SCHEDULES)}")
+        if self.microbatches is None:
+            object.__setattr__(self, "microbatches", 2 * self.num_stages)
         if self.spec.stages_per_rank is None and self.stages_per_rank < 2:
             raise ConfigError(f"strategy.pipeline_stages_per_rank={self.stages_per_rank}: interleaved schedules need "
                               ">= 2 stages per rank")

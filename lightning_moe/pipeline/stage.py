@@ -35,7 +35,8 @@ class StageModule(nn.Module):
         self.output = model.output if self.is_last else None
         self.mtp = model.mtp if self.is_last else None
         # MTP embeds the shifted labels with the main embedding: the same module as the first stage's when both
-        # stages are on this rank (V schedules), else this rank's copy, kept in sync by ``tie_embedding_grads``.
+        # stages are on this rank (V schedules), else this rank's copy, kept in sync by ``PipelineRunner``
+        # (gradients summed with the first stage's after each step).
         self.mtp_embeddings = model.tok_embeddings if self.is_last and model.mtp is not None else None
 
     def extra_repr(self) -> str:
