@@ -63,6 +63,49 @@ def timeit(fn, warmup: int, iters: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def layer_variants(name, layer, xl, run_compiled, record, args, device) -> None:
+    """Compiled-layer variants, each against the row just above it in the same process.
+
+    - ``bmm combine``: the gathers written as ``index_select`` + ``bmm`` (eager mode's form) instead of the
+      product-sum form Inductor fuses (``permute._fusible``), i.e. the layer before that change.
+    - ``TF32 router``: ``torch.set_float32_matmul_precision("high")``, so the fp32 router GEMMs use TF32.
+    - ``CUDA graphs``: ``mode="reduce-overhead"`` (no launch gaps); the layer has no host synchronisation.
+    """
+    from lightning_moe.moe import permute as permute_mod
+
+    def fresh(**kwargs):
+        torch._dynamo.reset()
+        return torch.compile(layer, **kwargs)
+
+    fusible = permute_mod._fusible
+    permute_mod._fusible = lambda: False
+    try:
+        compiled = fresh()
+        record(f"moe_layer[{name}]+compile, bmm combine",
+               timeit(lambda: run_compiled(compiled=compiled), args.warmup, args.iters, device), "previous form")
+    finally:
+        permute_mod._fusible = fusible
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        compiled = fresh()
+        record(f"moe_layer[{name}]+compile, TF32 router",
+               timeit(lambda: run_compiled(compiled=compiled), args.warmup, args.iters, device),
+               "float32_matmul_precision=high")
+        if device.type == "cuda":
+            graphed = fresh(mode="reduce-overhead")
+
+            def run_graphed():
+                torch.compiler.cudagraph_mark_step_begin()
+                run_compiled(compiled=graphed)
+
+            record(f"moe_layer[{name}]+compile, TF32 router, CUDA graphs",
+                   timeit(run_graphed, args.warmup, args.iters, device), "mode=reduce-overhead")
+    finally:
+        torch.set_float32_matmul_precision(precision)
+        torch._dynamo.reset()
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=16384)
@@ -80,6 +123,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd layers")
     p.add_argument("--out", default=None, help="markdown file for the table (default: docs/ on GPU runs)")
     p.add_argument("--profile", default=None, help="folder for CUDA kernel tables of the compiled layers")
+    p.add_argument("--variants-for", default="", help="kernels (comma-separated) for which to also time the compiled "
+                   "layer with the eager bmm combine, with CUDA graphs, and with a TF32 router GEMM")
     args = p.parse_args(argv)
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -179,6 +224,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             record(f"moe_layer[{name}]+compile, grads accumulated",
                    timeit(lambda f=run_compiled: f(accumulate=True), args.warmup, iters, device),
                    "no zero_grad between steps")
+            if name in args.variants_for.split(","):
+                layer_variants(name, layer, xl, run_compiled, record, args, device)
             if args.profile and device.type == "cuda":
                 from torch.profiler import ProfilerActivity, profile
 
@@ -186,7 +233,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     for _ in range(3):
                         run_compiled()
                     torch.cuda.synchronize()
-                table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90)
+                table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=90)
+                busy = sum(e.self_device_time_total for e in prof.key_averages()) / 3 / 1e3
+                table += f"\nGPU busy per step (sum of kernel times / 3): {busy:.2f} ms\n"
                 Path(args.profile).mkdir(parents=True, exist_ok=True)
                 (Path(args.profile) / f"profile_{name}_compiled.txt").write_text(table)
 

@@ -67,6 +67,18 @@ def inverse_order(perm: Permutation) -> torch.Tensor:
     return inverse
 
 
+def _fusible() -> bool:
+    """Under ``torch.compile`` the gathers are written as elementwise products and sums, which Inductor fuses into one
+    kernel each (indirect loads, no ``[T, K, D]`` intermediate). Eager mode keeps ``index_select`` + ``bmm``, which
+    beat materialising those products."""
+    return torch.compiler.is_compiling()
+
+
+def _sum_slots(rows: torch.Tensor, inverse: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """out[t] = sum_k rows[inverse[t * K + k]]: [N, D] -> [T, D]."""
+    return rows.index_select(0, inverse).view(num_tokens, -1, rows.shape[-1]).sum(1)
+
+
 class _GatherTokens(torch.autograd.Function):
     """rows = x[token_index]; the backward sums each token's K row gradients with a gather (no atomic adds)."""
 
@@ -79,8 +91,7 @@ class _GatherTokens(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows: torch.Tensor):
         (inverse,) = ctx.saved_tensors
-        per_slot = grad_rows.index_select(0, inverse)
-        return per_slot.view(ctx.num_tokens, -1, per_slot.shape[-1]).sum(1), None, None
+        return _sum_slots(grad_rows, inverse, ctx.num_tokens), None, None
 
 
 class _Combine(torch.autograd.Function):
@@ -90,9 +101,11 @@ class _Combine(torch.autograd.Function):
     def forward(ctx, rows: torch.Tensor, weights: torch.Tensor, inverse: torch.Tensor,
                 token_index: torch.Tensor, slot_order: torch.Tensor) -> torch.Tensor:
         t, k = weights.shape
-        per_slot = rows.index_select(0, inverse).view(t, k, -1)
         w = weights.to(rows.dtype)
         ctx.save_for_backward(rows, w, inverse, token_index, slot_order)
+        per_slot = rows.index_select(0, inverse).view(t, k, -1)
+        if _fusible():  # one fused gather-multiply-sum kernel, accumulating in fp32
+            return (per_slot.float() * weights.unsqueeze(-1)).sum(1).to(rows.dtype)
         return torch.bmm(w.unsqueeze(1), per_slot).squeeze(1)
 
     @staticmethod
@@ -105,7 +118,10 @@ class _Combine(torch.autograd.Function):
             grad_rows = grad_out.index_select(0, token_index) * w_rows
         if ctx.needs_input_grad[1]:
             per_slot = rows.index_select(0, inverse).view(t, k, -1)
-            grad_w = torch.bmm(per_slot, grad_out.unsqueeze(-1)).squeeze(-1).float()
+            if _fusible():  # one fused gather-dot kernel
+                grad_w = (per_slot.float() * grad_out.unsqueeze(1).float()).sum(-1)
+            else:
+                grad_w = torch.bmm(per_slot, grad_out.unsqueeze(-1)).squeeze(-1).float()
         return grad_rows, grad_w, None, None, None
 
 
