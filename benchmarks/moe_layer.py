@@ -43,23 +43,30 @@ def clear_grads(*tensors: torch.Tensor) -> None:
         t.grad = None
 
 
-def timeit(fn, warmup: int, iters: int, device: torch.device) -> float:
-    """Median milliseconds of fn() (forward + backward)."""
+def timeit(fn, warmup: int, iters: int, device: torch.device, repeats: int = 5) -> float:
+    """Milliseconds per fn() (forward + backward): the median over ``repeats`` of ``iters`` back-to-back calls.
+
+    Calls run back to back, as training steps do, so the host's launch latency overlaps the previous call's GPU work
+    and is not counted as GPU idle time (timing every call between two synchronisations would count it).
+    """
     for _ in range(warmup):
         fn()
     times = []
-    for _ in range(iters):
+    for _ in range(repeats):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
             start.record()
-            fn()
+            for _ in range(iters):
+                fn()
             end.record()
             torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
+            times.append(start.elapsed_time(end) / iters)
         else:
             t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+            for _ in range(iters):
+                fn()
+            times.append((time.perf_counter() - t0) * 1e3 / iters)
     return statistics.median(times)
 
 
@@ -119,7 +126,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--triton-configs", default=None,
                    help="JSON {gemm: [bm, bn, bk, warps, stages]} from benchmarks/triton_grouped_tune.py")
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--iters", type=int, default=20, help="back-to-back calls per timed repeat (5 repeats)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd layers")
     p.add_argument("--out", default=None, help="markdown file for the table (default: docs/ on GPU runs)")
     p.add_argument("--profile", default=None, help="folder for CUDA kernel tables of the compiled layers")
