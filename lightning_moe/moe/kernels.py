@@ -40,12 +40,25 @@ def loop_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: t
     return torch.cat(outs)
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: ``grouped_mm``'s backward refuses gradients
+    with zero or unaligned strides, such as the expanded gradient of ``y.sum()``."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor) -> torch.Tensor:
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
 def grouped_mm_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """All experts in two ``grouped_mm`` calls (one for gate+up, one for down)."""
     offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
     w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
     h = _swiglu(F.grouped_mm(x, w13, offs=offs))
-    return F.grouped_mm(h, w2, offs=offs)
+    return _ContiguousGrad.apply(F.grouped_mm(h, w2, offs=offs))
 
 
 _MEGABLOCKS_HELP = (

@@ -35,6 +35,15 @@ def test_grouped_mm_matches_loop(seed, empty_expert):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_grouped_mm_backward_takes_expanded_gradients(seed):
+    """``y.sum().backward()`` hands the kernel a stride-0 gradient, which ``grouped_mm``'s backward refuses raw."""
+    x, counts, w13, w2 = _inputs()
+    grads = torch.autograd.grad(grouped_mm_experts(x, counts, w13, w2).sum(), (x, w13, w2))
+    ref_grads = torch.autograd.grad(loop_experts(x, counts, w13, w2).sum(), (x, w13, w2))
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_loop_matches_per_token_math(seed):
     x, counts, w13, w2 = _inputs(num_experts=3, tokens=9)
     out = loop_experts(x, counts, w13, w2)
