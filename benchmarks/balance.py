@@ -23,7 +23,8 @@ def run(out: Path, steps: int, gamma: float) -> dict[int, dict[str, float]]:
     cmd = [sys.executable, "-m", "lightning_moe.train", "recipe=tiny", "logger=csv", f"hydra.run.dir={out}",
            f"trainer.max_steps={steps}", "trainer.val_check_interval=100", "trainer.log_every_n_steps=20",
            "trainer.enable_progress_bar=false", "model.score_func=sigmoid", "model.num_experts=16", "model.top_k=2",
-           "model.n_layers=3", "model.aux_loss_coef=0", f"model.bias_update_speed={gamma}", "~callbacks.model_checkpoint"]
+           "model.n_layers=3", "model.aux_loss_coef=0", f"model.bias_update_speed={gamma}",
+           "~callbacks.model_checkpoint"]
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
     rows = csv.DictReader(open(out / "csv" / "version_0" / "metrics.csv"))
     curve: dict[int, dict[str, float]] = {}
@@ -43,7 +44,8 @@ def main() -> None:
         off = run(Path(tmp) / "off", args.steps, 0.0)
         on = run(Path(tmp) / "on", args.steps, args.gamma)
     steps = sorted(s for s in off if "moe/imbalance" in off[s] and "moe/imbalance" in on.get(s, {}))
-    lines = ["| step | imbalance, no balancing | imbalance, bias gamma=%g | train loss off | train loss on |" % args.gamma,
+    lines = [f"| step | imbalance, no balancing | imbalance, bias gamma={args.gamma:g} | train loss off | "
+             "train loss on |",
              "| ---: | ---: | ---: | ---: | ---: |"]
     for s in steps:
         lines.append(f"| {s} | {off[s]['moe/imbalance']:.3f} | {on[s]['moe/imbalance']:.3f} | "

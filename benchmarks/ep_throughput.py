@@ -83,10 +83,6 @@ def run(layout: str, cfg: ModelConfig, args, device: torch.device) -> dict:
         a2a_share = a2a_us / 3 / (step_s * 1e6)
     tokens_per_gpu = args.batch * args.seq / step_s
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    del model, opt
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
     return {"layout": layout, "step_ms": step_s * 1e3, "tokens_per_gpu": tokens_per_gpu, "a2a_share": a2a_share,
             "mem_gib": mem}
 
@@ -109,7 +105,12 @@ def main() -> None:
     if use_cuda:
         torch.cuda.set_device(device)
     cfg = model_config(args.tiny)
-    rows = [run(layout, cfg, args, device) for layout in ("dp", "ep")]
+    rows = []
+    for layout in ("dp", "ep"):
+        rows.append(run(layout, cfg, args, device))  # the model and optimizer are freed when run returns
+        if use_cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
     if rank == 0:
         from lightning_moe.flops import active_matmul_params, training_flops_per_token
 

@@ -51,14 +51,16 @@ def timeit(fn, warmup: int, iters: int, device: torch.device, repeats: int = 5) 
     """
     for _ in range(warmup):
         fn()
-    times = []
+    times, host = [], []
     for _ in range(repeats):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize()
             start.record()
+            t0 = time.perf_counter()
             for _ in range(iters):
                 fn()
+            host.append((time.perf_counter() - t0) * 1e3 / iters)
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end) / iters)
@@ -67,6 +69,9 @@ def timeit(fn, warmup: int, iters: int, device: torch.device, repeats: int = 5) 
             for _ in range(iters):
                 fn()
             times.append((time.perf_counter() - t0) * 1e3 / iters)
+    if host:
+        # When the host needs about as long to issue a call as the GPU to run it, the GPU waits on the host.
+        print(f"    host time to issue one call: {statistics.median(host):.2f} ms", flush=True)
     return statistics.median(times)
 
 
