@@ -169,7 +169,7 @@ embedding of token i+k, and predicts token i+k+1:
 - Pipeline parallelism: MTP needs only the main model's last hidden states, the targets and the shared
   embedding/head, so it belongs on the last stage, next to the output head (that stage then also needs the
   embedding weight, tied to the first stage's as in DeepSeek-V3).
-- DeepSeek-V3 checkpoints (`lightning_moe/models/hf.py`): depth k is checkpoint layer
+- DeepSeek-V3 checkpoints (`lightning_moe/models/hf/`): depth k is checkpoint layer
   `num_hidden_layers + k - 1`; its `enorm`, `hnorm`, `eh_proj`, `shared_head.norm` and decoder layer are our
   `embed_norm`, `hidden_norm`, `proj`, `norm` and `block`; its copies of `embed_tokens` and
   `shared_head.head` are not read.

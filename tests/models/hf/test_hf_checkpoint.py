@@ -1,4 +1,4 @@
-"""Hugging Face interop: tiny random transformers models imported give the same logits, export round-trips exactly."""
+"""Hugging Face checkpoints: tiny random transformers models import with the same logits; export round-trips exactly."""
 
 import dataclasses
 import json
@@ -11,51 +11,9 @@ pytest.importorskip("safetensors")
 
 from safetensors.torch import save_file  # noqa: E402
 
-from lightning_moe.errors import ConfigError  # noqa: E402
 from lightning_moe.models.config import ModelConfig  # noqa: E402
-from lightning_moe.models.hf import config_from_hf, export_hf, from_hf, load_hf_checkpoint  # noqa: E402
-from lightning_moe.models.transformer import MoETransformer  # noqa: E402
-
-VOCAB, SEQ = 64, 12
-# initializer_range 0.1 spreads the router scores, so that fp32 rounding differences between the two
-# implementations cannot flip a top-k choice.
-COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, initializer_range=0.1,
-              max_position_embeddings=32)
-
-CASES = {
-    "mixtral": ("MixtralForCausalLM", "MixtralConfig",
-                dict(intermediate_size=24, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
-    "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig",
-                  dict(intermediate_size=48, moe_intermediate_size=16, num_key_value_heads=2, num_experts=8,
-                       num_experts_per_tok=2, head_dim=16, norm_topk_prob=True)),
-    "qwen3_moe-dense0-tied-nonorm": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig",
-                                     dict(intermediate_size=48, moe_intermediate_size=16, num_key_value_heads=1,
-                                          num_experts=6, num_experts_per_tok=3, norm_topk_prob=False,
-                                          mlp_only_layers=[0], tie_word_embeddings=True)),
-    "deepseek_v3": ("DeepseekV3ForCausalLM", "DeepseekV3Config",
-                    dict(intermediate_size=48, moe_intermediate_size=16, num_key_value_heads=4, n_routed_experts=8,
-                         n_shared_experts=1, num_experts_per_tok=3, n_group=4, topk_group=2, first_k_dense_replace=1,
-                         kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12,
-                         routed_scaling_factor=2.5)),
-    "deepseek_v3-noqlora-rotatehalf-tied": ("DeepseekV3ForCausalLM", "DeepseekV3Config",
-                                            dict(intermediate_size=48, moe_intermediate_size=16,
-                                                 num_key_value_heads=4, n_routed_experts=4, n_shared_experts=2,
-                                                 num_experts_per_tok=2, n_group=1, topk_group=1,
-                                                 first_k_dense_replace=2, kv_lora_rank=16, q_lora_rank=None,
-                                                 qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8,
-                                                 norm_topk_prob=False, routed_scaling_factor=1.0,
-                                                 rope_interleave=False, tie_word_embeddings=True)),
-}
-
-
-def hf_model(case: str):
-    cls, cfg_cls, kwargs = CASES[case]
-    model = getattr(transformers, cls)(getattr(transformers, cfg_cls)(**COMMON, **kwargs)).eval()
-    if cls == "DeepseekV3ForCausalLM":  # a non-zero correction bias, so that the mapping of the bias is tested
-        with torch.no_grad():
-            for layer in model.model.layers[kwargs["first_k_dense_replace"]:]:
-                layer.mlp.gate.e_score_correction_bias.normal_(std=0.05)
-    return model
+from lightning_moe.models.hf import export_hf, from_hf, load_hf_checkpoint  # noqa: E402
+from tests.helpers.hf import CASES, SEQ, VOCAB, hf_model  # noqa: E402
 
 
 @torch.no_grad()
@@ -179,53 +137,3 @@ def _saved(tmp_path, case):
     hf_model(case).save_pretrained(tmp_path / case)
     return tmp_path / case
 
-
-def _hf_config(case, **changes):
-    cls, cfg_cls, kwargs = CASES[case]
-    config = getattr(transformers, cfg_cls)(**COMMON, **kwargs).to_dict()
-    config["architectures"] = [cls]
-    config.update(changes)
-    return config
-
-
-@pytest.mark.parametrize(
-    "case, changes, key",
-    [
-        ("deepseek_v3", {"rope_scaling": {"type": "yarn", "factor": 40}, "rope_parameters": None}, "rope_scaling"),
-        ("deepseek_v3", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}},
-         "rope_parameters"),
-        ("deepseek_v3", {"rms_norm_eps": 1e-5}, "rms_norm_eps"),
-        ("deepseek_v3", {"scoring_func": "softmax"}, "scoring_func"),
-        ("mixtral", {"sliding_window": 16}, "sliding_window"),
-        ("mixtral", {"num_experts_per_tok": 1}, "num_experts_per_tok"),
-        ("mixtral", {"hidden_act": "gelu"}, "hidden_act"),
-        ("qwen3_moe", {"attention_bias": True}, "attention_bias"),
-        ("qwen3_moe", {"mlp_only_layers": [1]}, "mlp_only_layers"),
-        ("qwen3_moe", {"use_sliding_window": True, "sliding_window": 8}, "sliding_window"),
-        ("qwen3_moe", {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "model_type"),
-    ],
-)
-def test_unsupported_configs_are_refused(case, changes, key):
-    with pytest.raises(ValueError, match=key):
-        config_from_hf(_hf_config(case, **changes))
-
-
-def test_harmless_settings_are_accepted():
-    assert config_from_hf(_hf_config("mixtral", sliding_window=32)).num_experts == 4  # window >= context
-    assert config_from_hf(_hf_config("qwen3_moe", sliding_window=8)).qk_norm  # use_sliding_window is false
-
-
-def test_export_refuses_what_the_architecture_cannot_express(tmp_path):
-    model = MoETransformer(ModelConfig(dim=32, n_layers=2, n_heads=2, num_experts=4, moe_ffn_dim=16))
-    for arch, key in [("mixtral", "n_dense_layers"), ("qwen3_moe", "qk_norm"), ("deepseek_v3", "attention"),
-                      ("llama", "arch")]:
-        with pytest.raises(ValueError, match=key):
-            export_hf(model, tmp_path, arch=arch)
-    assert not list(tmp_path.iterdir())
-
-
-def test_qk_norm_is_off_by_default_and_gqa_only():
-    keys = MoETransformer(ModelConfig(dim=32, n_layers=1, n_heads=2, n_dense_layers=1)).state_dict().keys()
-    assert not any("q_norm" in k or "k_norm" in k for k in keys)
-    with pytest.raises(ConfigError, match="model.qk_norm"):
-        ModelConfig(attention="mla", qk_norm=True)
