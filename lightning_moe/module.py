@@ -18,9 +18,61 @@ from lightning_moe.models.config import ModelConfig
 from lightning_moe.models.mtp import mtp_lambda, mtp_losses
 from lightning_moe.models.transformer import MoETransformer
 from lightning_moe.moe.balance import collect_expert_load, imbalance, moe_layers, update_expert_biases
+from lightning_moe.moe.layer import MoE
 from lightning_moe.optim import OptimizerConfig, build_optimizer
 from lightning_moe.parallel.clip import clip_grad_norm_
 from lightning_moe.parallel.expert_parallel import ExpertParallel
+
+
+def _in_backward() -> bool:
+    """Whether this thread is running an autograd backward: an activation-checkpoint recompute (reentrant or not)
+    runs its forward there, also on the helper thread of a pipeline overlap's backward lane."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class BalanceLossMeter:
+    """Collects the balance losses (``MoE.last_losses``) of every training forward of each MoE layer within a step.
+
+    ``attach(model)`` adds a forward hook to each MoE layer (once); ``reset()`` starts a step. A forward counts when
+    the layer is in training mode (only then does the router compute balance losses) and it does not run inside a
+    backward: that leaves out validation / eval-mode forwards and the forwards that activation checkpointing
+    recomputes during backward (a microbatch again, and not necessarily every microbatch: counting them would skew the
+    mean too). Grad mode is no criterion: under reentrant checkpointing the real forward runs without grad.
+
+    ``totals()``: per loss name, the sum over this process's layers of the mean over the counted forwards of each
+    layer (detached). ``counts[layer]``: the counted forwards of a layer since the last reset.
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[MoE, int] = {}
+        self._sums: dict[MoE, dict[str, torch.Tensor]] = {}
+
+    def attach(self, model: torch.nn.Module) -> None:
+        for _, moe in moe_layers(model):
+            if not any(getattr(hook, "__self__", None) is self for hook in moe._forward_hooks.values()):
+                moe.register_forward_hook(self._record)
+
+    def reset(self) -> None:
+        self.counts.clear()
+        self._sums.clear()
+
+    @torch.compiler.disable
+    def _record(self, moe: MoE, args: Any, output: Any) -> None:
+        if not (moe.training and moe.last_losses) or _in_backward():
+            return
+        sums = self._sums.setdefault(moe, {})
+        for name, value in moe.last_losses.items():
+            value = value.detach()
+            sums[name] = sums[name] + value if name in sums else value
+        self.counts[moe] = self.counts.get(moe, 0) + 1
+
+    def totals(self) -> dict[str, torch.Tensor]:
+        totals: dict[str, torch.Tensor] = {}
+        for moe, sums in self._sums.items():
+            for name, value in sums.items():
+                mean = value / self.counts[moe]
+                totals[name] = totals[name] + mean if name in totals else mean
+        return totals
 
 
 class MoELanguageModel(pl.LightningModule):
@@ -43,6 +95,8 @@ class MoELanguageModel(pl.LightningModule):
         self.grad_norm_groups: list = []
         # Set by MoEStrategy under pipeline parallelism: runs each batch through the schedule (lightning_moe.pipeline)
         self.pipeline = None
+        # the balance losses of this step's training forwards, for logging (see _log_aux_losses)
+        self.balance_losses = BalanceLossMeter()
         self._checked_vocab = False
 
     # --- model ---
@@ -69,6 +123,8 @@ class MoELanguageModel(pl.LightningModule):
     # --- steps ---
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         self._check_batch(batch)
+        self.balance_losses.attach(self.model)
+        self.balance_losses.reset()
         if self.pipeline is not None:
             return self._pipeline_step(batch, "train")
         scale = 1.0 / self.trainer.accumulate_grad_batches if self._trainer is not None else 1.0
@@ -142,12 +198,23 @@ class MoELanguageModel(pl.LightningModule):
         return mean
 
     def _log_aux_losses(self) -> None:
-        """Sum over the MoE layers of each balance loss (under pipeline parallelism: over every stage's layers, from
-        each layer's last microbatch)."""
-        totals: dict[str, torch.Tensor] = {}
-        for _, moe in moe_layers(self.model):
-            for name, value in moe.last_losses.items():
-                totals[name] = totals.get(name, 0) + value
+        """Log ``train/{aux_loss,seq_aux_loss,z_loss}`` (each already times its coefficient) of this training step:
+        the sum over the MoE layers (under pipeline parallelism: over every stage's layers) of the mean over the
+        step's microbatches of each layer's loss.
+
+        What is counted (``BalanceLossMeter``): each training-mode forward of a layer since the step began, once; the
+        forwards that activation checkpointing recomputes in backward and eval-mode (validation) forwards are not.
+        The scale ``aux_loss_scale`` (gradient accumulation, microbatches) weights the gradients only, not these.
+
+        - Without pipeline parallelism a step makes one forward: the losses of the whole batch.
+        - Under pipeline parallelism (M microbatches in one step): the mean over the M microbatches. For the losses
+          that are means over sequences or tokens (``seq_aux_loss``, ``z_loss``) that equals the one-process value
+          for the whole batch; the classic ``aux_loss`` (products of batch-wide statistics) is defined per forward,
+          so it is the mean of the per-microbatch values, which is also what the gradients see.
+        - With gradient accumulation each ``training_step`` logs its own batch, like ``train/loss``; Lightning writes
+          the values of the last batch of each accumulation window.
+        """
+        totals = self.balance_losses.totals()
         if self.pipeline is not None:  # every rank joins, with or without MoE layers of its own
             cfg = self.model_cfg
             names = [n for n, coef in (("aux_loss", cfg.aux_loss_coef), ("seq_aux_loss", cfg.seq_aux_loss_coef),

@@ -9,8 +9,11 @@ pytestmark = pytest.mark.slow
 
 STEPS, HALF = 8, 4
 # Balance losses that do not depend on how the batch is cut into microbatches (the classic aux loss does).
-SAME = ("model.n_layers=4", "model.aux_loss_coef=0", "model.seq_aux_loss_coef=0.01", "trainer.log_every_n_steps=1",
-        "trainer.val_check_interval=2")
+SAME = ("model.n_layers=4", "model.aux_loss_coef=0", "model.seq_aux_loss_coef=0.01", "model.z_loss_coef=0.001",
+        "trainer.log_every_n_steps=1", "trainer.val_check_interval=2")
+# Logged balance losses: the mean over the microbatches of each layer's loss, summed over the layers of all stages;
+# for these losses the same as one process's value for the whole batch.
+BALANCE = ("train/seq_aux_loss", "train/z_loss")
 
 
 def _close(curve: dict[int, float], reference: dict[int, float]) -> None:
@@ -40,6 +43,9 @@ def test_dualpipe_pp2_trains_like_one_process_and_resumes_without_pipeline(tmp_p
     # expert-load imbalance: the mean over the layers of both ranks, from loads summed over the microbatches
     ref_metrics = _metrics(reference_dir)
     _close(_metrics(a)["moe/imbalance"], ref_metrics["moe/imbalance"])
+    for key in BALANCE:
+        assert len(_metrics(a)[key]) == HALF
+        _close(_metrics(a)[key], ref_metrics[key])
     # validation runs forward only through the pipeline (a forward-only schedule) and gives the same loss
     assert len(_metrics(a)["val/loss"]) == HALF // 2
     _close(_metrics(a)["val/loss"], ref_metrics["val/loss"])
