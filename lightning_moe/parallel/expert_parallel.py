@@ -187,15 +187,16 @@ class ExpertParallel(RoutedExperts):
 
     def _set_placement(self, phy2log: torch.Tensor) -> None:
         """Only the tables: the weights must already match ``phy2log``. Plain CPU attributes, not buffers, so that
-        ``to_empty`` (meta-device init) leaves them intact; device copies are made on first use."""
+        ``to_empty`` (meta-device init) leaves them intact (built on the CPU even inside a ``torch.device("meta")``
+        context); device copies are made on first use."""
         e, r = self.global_num_experts, self.num_slots
         self._phy2log = rx.validate_placement(phy2log, e, r)
         self._log2phy, self._logcnt = rx.placement_tables(self._phy2log, e)
-        self._replicated = r != e or not torch.equal(self._phy2log, torch.arange(r))
+        self._replicated = r != e or not torch.equal(self._phy2log, torch.arange(r, device="cpu"))
         first, last = self.expert_range
         shared = (self._logcnt > 1).nonzero().flatten()
-        to_shared = torch.full((e,), -1, dtype=torch.int64)
-        to_shared[shared] = torch.arange(shared.numel())
+        to_shared = torch.full((e,), -1, dtype=torch.int64, device="cpu")
+        to_shared[shared] = torch.arange(shared.numel(), device="cpu")
         self._slot_to_shared = to_shared[self._phy2log[first:last]]  # [L]
         self._num_shared = int(shared.numel())
         self._device_tables: dict[torch.device, tuple[torch.Tensor, ...]] = {}

@@ -48,13 +48,13 @@ __all__ = [
 # --- placement tables -----------------------------------------------------------------------------------------------
 def default_placement(num_experts: int, num_slots: int) -> torch.Tensor:
     """Placement before any plan: slot ``s`` holds expert ``s % E`` (without redundant slots: the identity)."""
-    return torch.arange(num_slots) % num_experts
+    return torch.arange(num_slots, device="cpu") % num_experts
 
 
 def validate_placement(phy2log: Any, num_experts: int, num_slots: int) -> torch.Tensor:
     """``phy2log`` as a CPU int64 tensor [R]; raises ``ValueError`` unless every entry is an expert in [0, E) and
     every expert has at least one slot."""
-    p = torch.as_tensor(phy2log).detach().to("cpu", torch.int64)
+    p = torch.as_tensor(phy2log, device="cpu").detach().to(torch.int64)
     if p.shape != (num_slots,):
         raise ValueError(f"a placement needs one logical expert per physical slot: shape ({num_slots},), got "
                          f"{tuple(p.shape)}")
@@ -70,8 +70,8 @@ def placement_tables(phy2log: torch.Tensor, num_experts: int) -> tuple[torch.Ten
     """phy2log [R] -> (log2phy [E, max_replicas] slots of each expert in slot order, padded with -1; logcnt [E])."""
     logcnt = torch.bincount(phy2log, minlength=num_experts)
     order = torch.argsort(phy2log, stable=True)  # slots grouped by expert, in slot order
-    rank = torch.arange(phy2log.numel()) - (torch.cumsum(logcnt, 0) - logcnt)[phy2log[order]]
-    log2phy = torch.full((num_experts, int(logcnt.max())), -1, dtype=torch.int64)
+    rank = torch.arange(phy2log.numel(), device=phy2log.device) - (torch.cumsum(logcnt, 0) - logcnt)[phy2log[order]]
+    log2phy = torch.full((num_experts, int(logcnt.max())), -1, dtype=torch.int64, device=phy2log.device)
     log2phy[phy2log[order], rank] = order
     return log2phy, logcnt
 

@@ -6,8 +6,9 @@
     lightning-moe-train strategy=moe strategy.ep=2 trainer.devices=2
 
 The LightningModule builds a plain model in ``configure_model``; the strategy then cuts it into this rank's pipeline
-stages (pp > 1), applies ``parallelize`` (EP, AC, compile, FSDP2) before Lightning materialises meta tensors and
-creates the optimizer, and hands the module a ``PipelineRunner`` whose schedule runs forward and backward together.
+stages (pp > 1), applies ``parallelize`` (EP, AC, compile, FSDP2), initialises a meta-device model (``meta_init``:
+every module's own ``reset_parameters``, see ``lightning_moe.parallel.meta_init``) before Lightning creates the
+optimizer, and hands the module a ``PipelineRunner`` whose schedule runs forward and backward together.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing_extensions import override
 
 from lightning_moe.errors import ConfigError
 from lightning_moe.parallel.dims import Meshes, ParallelDims
+from lightning_moe.parallel.meta_init import has_meta_tensors, materialize_meta_module
 from lightning_moe.pipeline.runner import PipelineRunner
 from lightning_moe.pipeline.split import PipelinePlan
 from lightning_moe.pipeline.stage import StageModule, keep_stages
@@ -58,7 +60,8 @@ class MoEStrategy(ModelParallelStrategy):
         reduce_dtype: dtype of gradient reductions.
         activation_checkpointing: recompute each block in backward.
         compile: ``torch.compile`` each block.
-        meta_init: build the model on the meta device and initialise it after sharding (large models).
+        meta_init: build the model on the meta device and initialise it after sharding (large models); the weights
+            start from the model's own init distributions, as when it is built eagerly (not the same numbers).
         ep_groups: groups of EP ranks for node-limited routing (usually nodes; default: ep, one rank per group).
         max_ep_groups: node-limited routing: each token uses experts of at most this many EP groups (None: off).
         save_distributed_checkpoint: sharded (resharding) checkpoints; False gathers one file on rank 0.
@@ -162,6 +165,12 @@ class MoEStrategy(ModelParallelStrategy):
         if hasattr(module, "expert_load_group"):
             # The data-parallel ranks of this pipeline position (they hold the same layers); None: the whole world.
             module.expert_load_group = self.meshes.dp.get_group() if self.dims.dp > 1 or self.dims.pp > 1 else None
+        if has_meta_tensors(self.model):
+            # Lightning's own materialisation would reset only the modules that own tensors (default nn.Linear init,
+            # not the model's); this runs every module's reset_parameters, children first. Lightning then finds no
+            # meta tensor left. The seed is the same on every rank (rank 0's).
+            seed = self.broadcast(int(torch.randint(2 ** 62, (), device="cpu")))
+            materialize_meta_module(self.model, self.root_device, seed)
         super().setup(trainer)
         if stages is not None:
             self.pipeline = PipelineRunner(self.plan, stages, self.meshes.pp.get_group(), self.root_device, model.cfg,
