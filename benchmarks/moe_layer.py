@@ -90,7 +90,7 @@ def layer_variants(name, layer, xl, run_compiled, record, args, device) -> None:
         return torch.compile(layer, **kwargs)
 
     fusible = permute_mod._fusible
-    permute_mod._fusible = lambda: False
+    permute_mod._fusible = lambda dtype: False
     try:
         compiled = fresh()
         record(f"moe_layer[{name}]+compile, bmm combine",

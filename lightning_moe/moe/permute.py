@@ -67,11 +67,15 @@ def inverse_order(perm: Permutation) -> torch.Tensor:
     return inverse
 
 
-def _fusible() -> bool:
-    """Under ``torch.compile`` the gathers are written as elementwise products and sums, which Inductor fuses into one
-    kernel each (indirect loads, no ``[T, K, D]`` intermediate). Eager mode keeps ``index_select`` + ``bmm``, which
-    beat materialising those products."""
-    return torch.compiler.is_compiling()
+def _fusible(dtype: torch.dtype) -> bool:
+    """Under ``torch.compile`` the combine is written as elementwise products and sums, which Inductor fuses into one
+    kernel each way (indirect loads, fp32 accumulation, no ``[T, K, D]`` intermediate). Eager mode keeps
+    ``index_select`` + ``bmm``, which beat materialising those products.
+
+    Only for 16-bit rows: with torch 2.11 (the GPU stack measured in docs/moe_layer_benchmark.md) the compiled fp32
+    form returned zero gradients for every input, on CPU and CUDA, while bf16 matched eager (torch 2.13 gets both
+    right). fp32 runs are tests and references, where the fusion saves nothing worth that risk."""
+    return dtype in (torch.bfloat16, torch.float16) and torch.compiler.is_compiling()
 
 
 def _sum_slots(rows: torch.Tensor, inverse: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -104,7 +108,7 @@ class _Combine(torch.autograd.Function):
         w = weights.to(rows.dtype)
         ctx.save_for_backward(rows, w, inverse, token_index, slot_order)
         per_slot = rows.index_select(0, inverse).view(t, k, -1)
-        if _fusible():  # one fused gather-multiply-sum kernel, accumulating in fp32
+        if _fusible(rows.dtype):  # one fused gather-multiply-sum kernel, accumulating in fp32
             return (per_slot.float() * weights.unsqueeze(-1)).sum(1).to(rows.dtype)
         return torch.bmm(w.unsqueeze(1), per_slot).squeeze(1)
 
@@ -118,7 +122,7 @@ class _Combine(torch.autograd.Function):
             grad_rows = grad_out.index_select(0, token_index) * w_rows
         if ctx.needs_input_grad[1]:
             per_slot = rows.index_select(0, inverse).view(t, k, -1)
-            if _fusible():  # one fused gather-dot kernel
+            if _fusible(rows.dtype):  # one fused gather-dot kernel
                 grad_w = (per_slot.float() * grad_out.unsqueeze(1).float()).sum(-1)
             else:
                 grad_w = torch.bmm(per_slot, grad_out.unsqueeze(-1)).squeeze(-1).float()
