@@ -46,7 +46,7 @@ from lightning_moe.moe.experts import RoutedExperts
 from lightning_moe.moe.kernels import loop_experts
 from lightning_moe.moe.layer import MoE
 from lightning_moe.parallel import redundant_experts as rx
-from lightning_moe.parallel.comm import all_to_all_counts, all_to_all_rows
+from lightning_moe.parallel.comm import all_to_all_rows, all_to_all_split_sizes
 
 __all__ = ["ExpertParallel", "apply_expert_parallel", "expert_major_order"]
 
@@ -305,10 +305,11 @@ class ExpertParallel(RoutedExperts):
         ep, num_local = self.ep_size, self.num_experts
         group = self.ep_mesh.get_group()
 
-        # 1. Exchange the counts: recv_counts[s, e] = rows source rank s sends to local expert e.
-        recv_counts = all_to_all_counts(counts, group).view(ep, num_local)
-        # One host sync for both split lists (the row all-to-all needs them on the host anyway).
-        send_splits, recv_splits = torch.stack([counts.view(ep, num_local).sum(1), recv_counts.sum(1)]).tolist()
+        # 1. Exchange the counts: recv_counts[s, e] = rows source rank s sends to local expert e. The row all-to-all
+        # needs both split lists on the host: one copy, which on CUDA waits only for the exchange (not for the other
+        # pipeline-overlap lane's queued kernels).
+        recv_counts, send_splits, recv_splits = all_to_all_split_sizes(counts, group)
+        recv_counts = recv_counts.view(ep, num_local)
         if sum(send_splits) != x.shape[0]:
             raise ValueError(f"counts sum to {sum(send_splits)} but x has {x.shape[0]} rows")
         num_recv = sum(recv_splits)
