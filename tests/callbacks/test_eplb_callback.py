@@ -289,5 +289,46 @@ def test_hydra_config_adds_the_callback_to_the_defaults():
 def test_state_dict_round_trip():
     callback = ExpertRebalancer()
     assert callback.state_dict() == {}
-    callback.load_state_dict({"ep": 2, "num_plans": 3, "placements": torch.zeros(2, 6, dtype=torch.long)})
-    assert callback.num_plans == 3 and callback._restored["ep"] == 2
+    # the placements of every MoE layer (of every pipeline stage), keyed by layer label
+    callback.ep, callback.num_plans = 2, 3
+    callback._placements = {"layer_3": torch.arange(6) % 4, "layer_1": torch.tensor([0, 1, 2, 3, 3, 3])}
+    state = callback.state_dict()
+    assert state["ep"] == 2 and state["num_plans"] == 3 and sorted(state["placements"]) == ["layer_1", "layer_3"]
+    assert torch.equal(state["placements"]["layer_1"], torch.tensor([0, 1, 2, 3, 3, 3]))
+    restored = ExpertRebalancer()
+    restored.load_state_dict(state)
+    assert restored.num_plans == 3 and restored._restored["placements"].keys() == state["placements"].keys()
+
+
+class _FakeExperts:
+    num_slots = 6
+
+    def __init__(self) -> None:
+        self.applied = None
+
+    def apply_placement(self, phy2log, optimizers) -> None:
+        self.applied = phy2log
+
+
+def test_restore_applies_each_layers_own_placement_by_label():
+    trainer = type("Trainer", (), {"optimizers": []})()
+    callback = ExpertRebalancer(num_redundant=2)
+    callback.ep = 2
+    a, b = _FakeExperts(), _FakeExperts()
+    callback._layers = [("layer_1", a, None), ("layer_2", b, None)]  # e.g. the layers of pipeline rank 1
+    saved = {f"layer_{i}": torch.tensor([i % 4, 3, 2, 1, 0, i % 4]) for i in range(4)}
+    assert callback._restore({"ep": 2, "placements": saved}, trainer) == []
+    assert torch.equal(a.applied, saved["layer_1"]) and torch.equal(b.applied, saved["layer_2"])
+    # layers the checkpoint lacks, or with another slot count, keep their placement and are reported
+    a.applied = b.applied = None
+    problems = callback._restore({"ep": 2, "placements": {"layer_1": torch.zeros(8, dtype=torch.long)}}, trainer)
+    assert problems == ["layer_1 (8 slots, this run has 6)", "layer_2 (not in the checkpoint)"]
+    assert a.applied is None and b.applied is None
+    assert "checkpoint ep=4" in callback._restore({"ep": 4, "placements": saved}, trainer)[0]
+    # the older format ([L, R] in rank 0's layer order) is applied in order without pipeline, refused under it
+    legacy = {"ep": 2, "placements": torch.stack([saved["layer_0"], saved["layer_3"]])}
+    assert callback._restore(legacy, trainer) == [] and torch.equal(b.applied, saved["layer_3"])
+    callback._pp_group, b.applied = object(), None
+    assert "not keyed by layer" in callback._restore(legacy, trainer)[0] and b.applied is None
+    callback._layers = []  # a pipeline rank without MoE layers
+    assert callback._restore({"ep": 2, "placements": saved}, trainer) == []
