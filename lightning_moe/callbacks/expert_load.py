@@ -5,6 +5,12 @@ Shapes: L MoE layers (in model order), E routed experts, T tokens of a micro-bat
 The routers count the expert assignments of every micro-batch in their ``tokens_per_expert`` buffers. The training
 module all-reduces and resets them right after the optimizer step (bias update), so this callback reads them just
 before it, in ``on_before_optimizer_step``.
+
+Pipeline parallelism (``strategy.pp > 1``): each pipeline rank holds only its stages' layers. The loads are summed
+within a pipeline position (over the module's ``expert_load_group``), then combined over the pipeline group
+(``pl_module.pipeline.pp_group``) every optimizer step, so that every rank holds the loads, moving averages and
+statistics of every stage's layers (global labels, model order). Every rank joins that collective, also a rank whose
+stages have no MoE layer.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -143,6 +150,19 @@ def layer_label(name: str, position: int) -> str:
     return f"moe_{position}"
 
 
+def _model_order(label: str) -> tuple[int, int]:
+    """Sort key that puts ``layer_label`` labels in model order: the blocks by index, then the MTP depths, then any
+    other label (in its original order: the sort is stable)."""
+    if match := re.fullmatch(r"(layer|mtp)_(\d+)", label):
+        return (0 if match.group(1) == "layer" else 1, int(match.group(2)))
+    return (2, 0)
+
+
+def _pipeline_group(pl_module: Any) -> dist.ProcessGroup | None:
+    """The pipeline group of a pipeline-parallel module (``pl_module.pipeline.pp_group``), else None."""
+    return getattr(getattr(pl_module, "pipeline", None), "pp_group", None)
+
+
 def _every(step: int, interval: int | None) -> bool:
     """Whether optimizer step ``step`` (0-based) ends an interval, like Lightning's ``log_every_n_steps``."""
     return bool(interval) and (step + 1) % interval == 0
@@ -165,6 +185,10 @@ class ExpertLoadMonitor(Callback):
     and over layers ``moe/imbalance_max`` (also in the progress bar), ``moe/imbalance_ema_max``, ``moe/cv_max``,
     ``moe/entropy_mean``, ``moe/dropped_frac``. Loads are summed over the module's ``expert_load_group`` (all
     data-parallel ranks) and count token-expert assignments (top_k per token).
+
+    Under pipeline parallelism every metric covers the MoE layers of every pipeline stage, under their global labels:
+    the loads (and routing entropies) of each stage are combined over the pipeline group at every optimizer step (a
+    collective that every rank joins, also one whose stages have no MoE layer), so rank 0 logs them all.
 
     Every ``heatmap_every_n_steps`` it logs ``moe/load_heatmap`` to each W&B logger: a layer x expert image of the
     moving-average load (see ``load_heatmap``). Other loggers get no image.
@@ -197,11 +221,18 @@ class ExpertLoadMonitor(Callback):
         self.log_per_expert = log_per_expert
         self.heatmap_log2_range = heatmap_log2_range
         self.load_ema: torch.Tensor | None = None
-        """[L, E] moving average of the tokens routed per optimizer step (identical on every rank)."""
+        """[L, E] moving average of the tokens routed per optimizer step (identical on every rank; under pipeline
+        parallelism the layers of every stage)."""
         self.last_load: torch.Tensor | None = None
-        """[L, E] tokens routed in the last optimizer step."""
+        """[L, E] tokens routed in the last optimizer step (the layers of every stage)."""
         self.layer_labels: list[str] = []
-        """Metric label of each MoE layer, in model order (``layer_3``, ``mtp_1``)."""
+        """Metric label of each MoE layer, in model order (``layer_3``, ``mtp_1``): under pipeline parallelism those
+        of every stage."""
+        self._pp_group: dist.ProcessGroup | None = None  # pipeline group (pp > 1), else None
+        self._pp_device: torch.device | None = None  # device of the pipeline group's collectives
+        self._rows: list[int] = []  # pp > 1: the row in layer_labels of each of this rank's MoE layers
+        self._num_experts = 0
+        self._ema_labels: list[str] | None = None  # labels of a restored load_ema (None: older checkpoints)
         self._hooks: list[Any] = []
         self._entropy_sum: torch.Tensor | None = None  # [L] summed per-token entropies of this step
         self._entropy_count: torch.Tensor | None = None  # [L] tokens behind them
@@ -217,9 +248,20 @@ class ExpertLoadMonitor(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
         layers = moe_layers(pl_module)
-        self.layer_labels = [layer_label(name, k) for k, (name, _) in enumerate(layers)]
-        self._has_capacity = any(getattr(m, "capacity_factor", None) is not None for _, m in layers)
+        labels = [layer_label(name, k) for k, (name, _) in enumerate(layers)]
+        has_capacity = any(getattr(m, "capacity_factor", None) is not None for _, m in layers)
+        self._num_experts = layers[0][1].router.tokens_per_expert.numel() if layers else 0
+        self._pp_group = _pipeline_group(pl_module)
+        if self._pp_group is None:
+            self.layer_labels, self._has_capacity = labels, has_capacity
+        else:
+            self._setup_pipeline(pl_module, labels, has_capacity)
         self._last_step = -1
+        if self.load_ema is not None and self._ema_labels is not None and self._ema_labels != self.layer_labels:
+            rank_zero_warn(f"ExpertLoadMonitor: the checkpoint's moving-average load is for the MoE layers "
+                           f"{self._ema_labels}, this model has {self.layer_labels}; it starts again")
+            self.load_ema = None
+        self._ema_labels = None
         if not (self.entropy and layers):
             return
         device = layers[0][1].router.tokens_per_expert.device
@@ -227,6 +269,25 @@ class ExpertLoadMonitor(Callback):
         self._entropy_count = torch.zeros(len(layers), device=device)
         for k, (_, moe) in enumerate(layers):
             self._hooks.append(moe.router.register_forward_hook(self._entropy_hook(k)))
+
+    def _setup_pipeline(self, pl_module: pl.LightningModule, labels: list[str], has_capacity: bool) -> None:
+        """Learn the MoE layers of every pipeline stage (a collective over the pipeline group): their labels in model
+        order, and the row of each of this rank's layers among them. Every rank raises the same errors."""
+        gathered: list[Any] = [None] * dist.get_world_size(self._pp_group)
+        dist.all_gather_object(gathered, (labels, has_capacity, self._num_experts), group=self._pp_group)
+        every = [label for stage_labels, _, _ in gathered for label in stage_labels]
+        if len(set(every)) != len(every):
+            raise ValueError(f"ExpertLoadMonitor: the MoE layer labels {every} of the pipeline stages are not unique "
+                             "(metrics are keyed by them)")
+        num_experts = {n for stage_labels, _, n in gathered if stage_labels}
+        if len(num_experts) > 1:
+            raise ValueError(f"ExpertLoadMonitor needs the same number of experts in every MoE layer of every "
+                             f"pipeline stage (got {sorted(num_experts)})")
+        self.layer_labels = sorted(every, key=_model_order)
+        self._rows = [self.layer_labels.index(label) for label in labels]
+        self._has_capacity = any(capacity for _, capacity, _ in gathered)
+        self._num_experts = num_experts.pop() if num_experts else 0
+        self._pp_device = pl_module.pipeline.device
 
     def _entropy_hook(self, k: int):
         def hook(router: nn.Module, args: tuple, output: Any) -> None:
@@ -271,21 +332,32 @@ class ExpertLoadMonitor(Callback):
         self._last_step = step
         # A collective on the module's group: every rank calls it here, in the same order as the module's own.
         load, dropped = collect_expert_load(pl_module, getattr(pl_module, "expert_load_group", None))
-        if not load.numel():
+        logged = _every(step, self._log_interval(trainer))
+        entropy = None
+        if self._pp_group is not None:  # every rank, with or without MoE layers of its own
+            if not self.layer_labels:
+                return
+            sums = self._entropy_sums(pl_module) if logged and self.entropy else None
+            load, dropped, sums = self._combine_stages(load, dropped, sums)
+            entropy = self._mean_entropy(sums)
+        elif not load.numel():
             return
+        elif logged and self.entropy:
+            entropy = self._mean_entropy(self._entropy_sums(pl_module))
         load = load.float()
         self.last_load = load
         if self.load_ema is None or self.load_ema.shape != load.shape:
             self.load_ema = load.clone()
         else:
             self.load_ema = self.load_ema.to(load.device).lerp_(load, 1.0 - self.ema_decay)
-        if _every(step, self._log_interval(trainer)):
-            self._log_scalars(trainer, pl_module, step, load, dropped)
+        if logged:
+            self._log_scalars(trainer, pl_module, step, load, dropped, entropy)
         if _every(step, self.heatmap_every_n_steps) and trainer.is_global_zero:
             self._log_heatmap(trainer, step)
 
-    def _global_entropy(self, pl_module: pl.LightningModule) -> torch.Tensor | None:
-        """[L] mean routing entropy of this step over the expert-load group (a collective), then reset."""
+    def _entropy_sums(self, pl_module: pl.LightningModule) -> torch.Tensor | None:
+        """[2, L] summed per-token routing entropies and token counts of this step, over the expert-load group (a
+        collective), for this rank's layers; then reset. None without hooks (no MoE layer on this rank)."""
         if self._entropy_sum is None:
             return None
         packed = torch.stack([self._entropy_sum, self._entropy_count])
@@ -294,13 +366,37 @@ class ExpertLoadMonitor(Callback):
             dist.all_reduce(packed, group=group)
         self._entropy_sum.zero_()
         self._entropy_count.zero_()
-        if not bool((packed[1] > 0).all()):  # e.g. the hooks did not run under torch.compile
+        return packed
+
+    @staticmethod
+    def _mean_entropy(packed: torch.Tensor | None) -> torch.Tensor | None:
+        """[L] mean routing entropy per token from ``_entropy_sums``; None when a layer counted no token (e.g. the
+        hooks did not run under torch.compile)."""
+        if packed is None or not bool((packed[1] > 0).all()):
             return None
         return packed[0] / packed[1]
 
+    @torch.no_grad()
+    def _combine_stages(self, load: torch.Tensor, dropped: torch.Tensor, sums: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pipeline parallelism: this rank's layers' load [L_local, E], dropped [L_local] and entropy sums [2, L_local]
+        (already summed over its data-parallel ranks) -> those of every stage's layers ([L, E], [L], [2, L], rows in
+        ``layer_labels`` order). A sum over the pipeline group of tables that hold each rank's own rows and zeros
+        elsewhere (float64: exact); a collective that every rank joins, with or without MoE layers."""
+        num_experts = self._num_experts
+        table = torch.zeros(len(self.layer_labels), num_experts + 3, dtype=torch.float64, device=self._pp_device)
+        if self._rows:
+            rows = torch.tensor(self._rows, device=self._pp_device)
+            table[rows, :num_experts] = load.to(self._pp_device, torch.float64)
+            table[rows, num_experts] = dropped.to(self._pp_device, torch.float64)
+            if sums is not None:
+                table[rows, num_experts + 1:] = sums.t().to(self._pp_device, torch.float64)
+        dist.all_reduce(table, group=self._pp_group)
+        table = table.float()
+        return table[:, :num_experts], table[:, num_experts], table[:, num_experts + 1:].t()
+
     def _log_scalars(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, load: torch.Tensor,
-                     dropped: torch.Tensor) -> None:
-        entropy = self._global_entropy(pl_module) if self.entropy else None
+                     dropped: torch.Tensor, entropy: torch.Tensor | None) -> None:
         imb = imbalance(load)
         pl_module.log("moe/imbalance_max", imb.max(), prog_bar=True, logger=False)
         if not trainer.is_global_zero:
@@ -331,25 +427,38 @@ class ExpertLoadMonitor(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 
+    def heatmap(self, step: int) -> tuple[np.ndarray, str]:
+        """The heatmap image (``load_heatmap`` of the moving-average load: every MoE layer of the model, one row
+        each, in model order) and its caption."""
+        rgb = load_heatmap(self.load_ema, self.heatmap_log2_range)
+        r, layers = self.heatmap_log2_range, ", ".join(self.layer_labels)
+        caption = (f"step {step}: moving-average tokens per expert (columns, 0..{self.load_ema.shape[1] - 1}) "
+                   f"of MoE layers {layers} (rows); colour log2(load / layer mean) from -{r:g} (blue) "
+                   f"through 0 (white) to +{r:g} (red), scale in the bottom strip")
+        return rgb, caption
+
     def _log_heatmap(self, trainer: pl.Trainer, step: int) -> None:
         from lightning.pytorch.loggers import WandbLogger  # noqa: PLC0415 - does not import wandb itself
 
         loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
         if not loggers:
             return
-        rgb = load_heatmap(self.load_ema, self.heatmap_log2_range)
-        r, layers = self.heatmap_log2_range, ", ".join(self.layer_labels)
-        caption = (f"step {step}: moving-average tokens per expert (columns, 0..{self.load_ema.shape[1] - 1}) "
-                   f"of MoE layers {layers} (rows); colour log2(load / layer mean) from -{r:g} (blue) "
-                   f"through 0 (white) to +{r:g} (red), scale in the bottom strip")
+        rgb, caption = self.heatmap(step)
         for logger in loggers:
             logger.log_metrics({HEATMAP_KEY: wandb_png_image(rgb, caption)}, step=step)
 
     # --- checkpointing: the moving average survives a resume ---
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"load_ema": None if self.load_ema is None else self.load_ema.detach().cpu()}
+        """The moving-average load of every MoE layer (under pipeline parallelism of every stage: Lightning writes
+        callback states from rank 0 only) and the labels of its rows; the same in any pipeline layout."""
+        if self.load_ema is None:
+            return {"load_ema": None}
+        return {"load_ema": self.load_ema.detach().cpu(), "labels": list(self.layer_labels)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores the moving average; at the start of training it is kept only if its rows are this model's MoE
+        layers (checkpoints without labels: if its shape matches)."""
         self.load_ema = state_dict.get("load_ema")
+        self._ema_labels = state_dict.get("labels")

@@ -8,12 +8,18 @@ layers of every stage (also from a rank whose stage has no MoE layer), and that 
 those of every stage (Lightning writes the callback state from rank 0 only) and come back on resume, also in
 another pipeline layout.
 
+The same runs check ExpertLoadMonitor (the default ``expert_load`` callback) under pipeline parallelism: every rank
+holds, and rank 0 logs, the loads and statistics of every stage's MoE layers under their global labels (also a rank
+whose stage has none: it joins the collectives, nothing hangs); the CLI run's ``moe/...`` metrics equal those of the
+one-process run; the checkpointed moving average covers every stage and comes back in another pipeline layout.
+
 Ranks: the world mesh is (pp, dp): ranks 0, 1 are pipeline rank 0 and ranks 2, 3 pipeline rank 1; each pair is
 one EP group (ep=2 over the 2 data-parallel ranks of a pipeline position).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -24,10 +30,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
-from lightning_moe.callbacks import ExpertRebalancer
+from lightning_moe.callbacks import ExpertLoadMonitor, ExpertRebalancer
+from lightning_moe.callbacks.expert_load import coefficient_of_variation
 from lightning_moe.models.config import ModelConfig
 from lightning_moe.module import MoELanguageModel
-from lightning_moe.moe.balance import moe_layers
+from lightning_moe.moe.balance import imbalance, moe_layers
 from lightning_moe.parallel.strategy import MoEStrategy
 from tests.helpers.loggers import RecordingLogger
 from tests.parallel._dist import run_workers
@@ -148,6 +155,63 @@ def _all_gather(obj) -> list:
     return out
 
 
+class _LoadSpy(ExpertLoadMonitor):
+    """ExpertLoadMonitor logging every step, that keeps each step's load (``last_load``: every stage's layers) and
+    the moving average it starts from (restored from a checkpoint)."""
+
+    def __init__(self) -> None:
+        super().__init__(log_every_n_steps=1, heatmap_every_n_steps=0, log_per_expert=True)
+        self.loads, self.start_ema = [], None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self.start_ema = None if self.load_ema is None else self.load_ema.clone()
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        self.loads.append(None if self.last_load is None else self.last_load.clone())
+
+
+def _check_load_monitor(rank: int, monitor: _LoadSpy, logger: RecordingLogger, labels: list[str], steps: int) -> None:
+    """Every rank holds the loads of every stage's MoE layers (``labels``: global, model order), the same everywhere;
+    block ``i`` sends each of the 16 x 16 tokens of a step to its hot expert ``i % E`` (and one other: top_k=2).
+    Rank 0 logs every layer's statistics and aggregates over all of them; the heatmap has a row per layer."""
+    assert monitor.layer_labels == labels, (rank, monitor.layer_labels)
+    assert len(monitor.loads) == steps and all(load is not None for load in monitor.loads), (rank, monitor.loads)
+    for load in monitor.loads:
+        assert load.shape == (len(labels), E), (rank, load.shape)
+        for k, label in enumerate(labels):
+            hot = int(label.split("_")[1]) % E
+            assert load[k, hot] == 16 * 16 and load[k].sum() == 2 * 16 * 16, (rank, label, load[k])
+    everyone = _all_gather([load.cpu() for load in monitor.loads] + [monitor.load_ema.cpu()])
+    for other in everyone[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(other, everyone[0])), "the same loads on every rank"
+    rgb, caption = monitor.heatmap(steps - 1)
+    assert f"of MoE layers {', '.join(labels)} (rows)" in caption
+    assert rgb.shape[0] == 32 * len(labels) + 2 + 16  # 32-pixel rows, a gap, the colour scale
+    for k, label in enumerate(labels):  # the hot expert's cell is red
+        red, _, blue = rgb[32 * k, 32 * (int(label.split("_")[1]) % E)].tolist()
+        assert red > blue, (label, red, blue)
+    if rank != 0:
+        return
+    rows = [(step, row) for step, row in logger.rows if "moe/imbalance_max" in row]
+    assert [step for step, _ in rows] == list(range(steps)), rows
+    for (_, row), load in zip(rows, monitor.loads):
+        assert {key.split("/")[1] for key in row if key.startswith("moe/layer_")} == set(labels), sorted(row)
+        for k, label in enumerate(labels):
+            assert row[f"moe/{label}/imbalance"] == pytest.approx(imbalance(load)[k].item(), rel=1e-6)
+            assert row[f"moe/{label}/cv"] == pytest.approx(coefficient_of_variation(load)[k].item(), rel=1e-6)
+            assert 0 < row[f"moe/{label}/entropy"] <= math.log(E) + 1e-6
+        assert row["moe/imbalance_max"] == pytest.approx(imbalance(load).max().item(), rel=1e-6)
+        assert row["moe/cv_max"] == pytest.approx(coefficient_of_variation(load).max().item(), rel=1e-6)
+        assert row["moe/entropy_mean"] == pytest.approx(sum(row[f"moe/{label}/entropy"] for label in labels)
+                                                        / len(labels), rel=1e-6)
+    last = rows[-1][1]
+    for k, label in enumerate(labels):
+        for j in range(E):
+            assert last[f"moe/{label}/expert_{j}/tokens"] == pytest.approx(monitor.load_ema[k, j].item())
+
+
 # --- pp=2 x ep=2, DualPipeV (overlapped EP all-to-alls): every rank holds MoE layers of two stages --------------
 def _worker_dualpipe(rank: int, world_size: int, seed: int, ckpt: str) -> None:
     _use_harness_group(rank)
@@ -161,9 +225,11 @@ def _worker_dualpipe(rank: int, world_size: int, seed: int, ckpt: str) -> None:
 
     # 2. redundant experts, re-placed after steps 2 and 4
     pl.seed_everything(seed, verbose=False)
-    module, record, logger = _module(4), _Losses(), RecordingLogger()
+    module, record, logger, monitor = _module(4), _Losses(), RecordingLogger(), _LoadSpy()
     rebalancer = _ProbedRebalancer(probe, every_n_steps=EVERY, num_redundant=REDUNDANT)
-    trainer = _fit(module, [rebalancer, record], STEPS, data, logger=logger)
+    trainer = _fit(module, [rebalancer, record, monitor], STEPS, data, logger=logger)
+    # expert-load monitoring: every stage's layers (pipeline rank 0 holds blocks 0 and 3, rank 1 blocks 1 and 2)
+    _check_load_monitor(rank, monitor, logger, ["layer_0", "layer_1", "layer_2", "layer_3"], STEPS)
     mine = sorted(label for label, _, _ in rebalancer._layers)
     assert mine == (["layer_0", "layer_3"] if rank < 2 else ["layer_1", "layer_2"]), (rank, mine)
     assert rebalancer.num_plans == len(rebalancer.moves) == STEPS // EVERY
@@ -217,6 +283,9 @@ def _worker_dualpipe(rank: int, world_size: int, seed: int, ckpt: str) -> None:
         assert state["placements"].keys() == all_final.keys(), "every stage's placements in rank 0's state"
         for label, p in all_final.items():
             assert torch.equal(state["placements"][label], p), label
+        state = torch.load(Path(ckpt) / "meta.pt", weights_only=True)["callbacks"][monitor.state_key]
+        assert state["labels"] == monitor.layer_labels, "every stage's moving-average load in rank 0's state"
+        assert torch.equal(state["load_ema"], monitor.load_ema.cpu())
 
     # 3. resume: every stage gets its own layers' placements back, and the model computes the same function
     pl.seed_everything(seed + 1, verbose=False)
@@ -241,10 +310,12 @@ def _worker_dense_stage(rank: int, world_size: int, seed: int, ckpt: str) -> Non
     probe = torch.randint(0, 64, (BATCH, 17), generator=torch.Generator().manual_seed(seed + 1))
 
     pl.seed_everything(seed, verbose=False)
-    logger = RecordingLogger()
+    logger, monitor = RecordingLogger(), _LoadSpy()
     rebalancer = _ProbedRebalancer(probe, every_n_steps=1, num_redundant=REDUNDANT)
-    trainer = _fit(_module(2, n_dense_layers=1), [rebalancer], 2, data, schedule="1f1b", logger=logger)
+    trainer = _fit(_module(2, n_dense_layers=1), [rebalancer, monitor], 2, data, schedule="1f1b", logger=logger)
     assert [label for label, _, _ in rebalancer._layers] == ([] if rank < 2 else ["layer_1"])
+    # expert-load monitoring: ranks 0, 1 (no MoE layer) join the collectives and hold the other stage's layer
+    _check_load_monitor(rank, monitor, logger, ["layer_1"], 2)
     # every rank counts (and joins) the plans of the other stage
     assert rebalancer.num_plans == len(rebalancer.moves) == 2
     for move in rebalancer.moves:
@@ -260,11 +331,14 @@ def _worker_dense_stage(rank: int, world_size: int, seed: int, ckpt: str) -> Non
             assert row["eplb/imbalance_before"] == row["eplb/layer_1/imbalance_before"]
     trainer.save_checkpoint(ckpt)
 
-    # resume without pipeline parallelism (ep=2 over 4 data-parallel ranks): layer 1 gets its placement back
+    # resume without pipeline parallelism (ep=2 over 4 data-parallel ranks): layer 1 gets its placement back, and
+    # its moving-average load (saved by rank 0, which held no MoE layer)
     pl.seed_everything(seed + 1, verbose=False)
-    resumed = _ProbedRebalancer(probe, every_n_steps=100, num_redundant=REDUNDANT)
-    _fit(_module(2, n_dense_layers=1), [resumed], 3, data, pp=1, ckpt_path=ckpt)
+    resumed, resumed_monitor = _ProbedRebalancer(probe, every_n_steps=100, num_redundant=REDUNDANT), _LoadSpy()
+    _fit(_module(2, n_dense_layers=1), [resumed, resumed_monitor], 3, data, pp=1, ckpt_path=ckpt)
     assert torch.equal(resumed.start_placements["layer_1"], final)
+    assert resumed_monitor.start_ema is not None, f"rank {rank}: moving-average load not restored"
+    torch.testing.assert_close(resumed_monitor.start_ema, monitor.load_ema.cpu(), rtol=0, atol=0)
     torch.testing.assert_close(resumed.start_loss, rebalancer.moves[-1]["after"], rtol=1e-5, atol=1e-5)
     dist.barrier()
 
@@ -281,7 +355,8 @@ def test_cli_pp2_x_ep2_with_eplb_trains_like_one_process_and_logs_every_stage(tm
 
     # balance losses that do not depend on how the batch is cut into microbatches (as in tests/pipeline)
     same = ("model.n_layers=4", "model.aux_loss_coef=0", "model.seq_aux_loss_coef=0.01", "model.z_loss_coef=0.001",
-            "trainer.log_every_n_steps=1", "trainer.max_steps=4", "trainer.limit_val_batches=0")
+            "trainer.log_every_n_steps=1", "trainer.max_steps=4", "trainer.limit_val_batches=0",
+            "callbacks.expert_load.log_per_expert=true")
     train(tmp_path / "ref", 1, "strategy.pp=1", *same)
     run = tmp_path / "eplb"
     train(run, 4, "strategy.pp=2", "strategy.ep=2", "callbacks=eplb", "callbacks.eplb.every_n_steps=2", *same, dp=2)
@@ -296,3 +371,33 @@ def test_cli_pp2_x_ep2_with_eplb_trains_like_one_process_and_logs_every_stage(tm
         logged = sorted(key.split("/")[1] for key, value in row.items() if value and key.startswith("eplb/layer_"))
         assert logged == ["layer_1", "layer_1", "layer_2", "layer_2", "layer_3", "layer_3"], row
         assert float(row["eplb/slots_changed"]) > 0
+    _check_expert_load_metrics(_moe_metrics(run), _moe_metrics(tmp_path / "ref"))
+
+
+def _moe_metrics(run_dir: Path) -> dict[str, dict[int, float]]:
+    """{key: {step: value}} of the ExpertLoadMonitor metrics (``moe/...``) in a CLI run's metrics.csv."""
+    import csv
+
+    out: dict[str, dict[int, float]] = {}
+    for row in csv.DictReader(open(run_dir / "csv" / "version_0" / "metrics.csv")):
+        for key, value in row.items():
+            if value and key.startswith("moe/") and key != "moe/imbalance":
+                out.setdefault(key, {})[int(row["step"])] = float(value)
+    return out
+
+
+def _check_expert_load_metrics(got: dict[str, dict[int, float]], ref: dict[str, dict[int, float]]) -> None:
+    """ExpertLoadMonitor under pp=2 (default callbacks): the per-layer metrics of every stage's MoE layers (blocks 1,
+    2 on pipeline rank 1, block 3 on rank 0), under their global labels, and the aggregates over all of them, equal to
+    those of the one-process run (token counts are exact; EPLB moves experts, not the routing)."""
+    layers = {key.split("/")[1] for key in got if key.startswith("moe/layer_")}
+    assert layers == {"layer_1", "layer_2", "layer_3"}, sorted(got)
+    assert sorted(got) == sorted(ref)
+    for key, curve in got.items():
+        assert sorted(curve) == [0, 1, 2, 3], (key, curve)
+        # the entropy is a mean of floats summed in another order (microbatches, ranks): fp32 rounding only
+        rel = 1e-5 if "entropy" in key else 1e-6
+        for step, value in curve.items():
+            assert value == pytest.approx(ref[key][step], rel=rel), (key, step, value, ref[key][step])
+    for layer in (1, 2, 3):  # step 0 (the moving average starts at the load): every token counted top_k times
+        assert sum(got[f"moe/layer_{layer}/expert_{j}/tokens"][0] for j in range(4)) == 16 * 64 * 2

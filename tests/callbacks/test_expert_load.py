@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning_moe import ModelConfig, MoELanguageModel, TokenDataModule
 from lightning_moe.callbacks import ExpertLoadMonitor
 from lightning_moe.callbacks.expert_load import (
+    _model_order,
     coefficient_of_variation,
     encode_png,
     layer_label,
@@ -75,6 +76,9 @@ def test_layer_labels_name_blocks_by_global_index_and_mtp_by_depth():
     assert layer_label("model.layers.12._checkpoint_wrapped_module.feed_forward", 0) == "layer_12"
     assert layer_label("model.mtp.layers.1.block.feed_forward", 4) == "mtp_1"
     assert layer_label("moe", 2) == "moe_2"
+    # the labels gathered from pipeline stages (in stage order) are put back in model order
+    stages = ["layer_0", "layer_10", "mtp_1", "layer_2", "moe_1", "mtp_0", "moe_0"]
+    assert sorted(stages, key=_model_order) == ["layer_0", "layer_2", "layer_10", "mtp_0", "mtp_1", "moe_1", "moe_0"]
 
 
 # --- heatmap ---
@@ -178,6 +182,35 @@ def test_monitor_statistics_in_a_fit_with_gradient_accumulation():
     restored = ExpertLoadMonitor()
     restored.load_state_dict(monitor.state_dict())
     torch.testing.assert_close(restored.load_ema, monitor.load_ema)
+
+
+def test_checkpointed_moving_average_is_keyed_by_layer_labels():
+    def module(n_dense_layers: int) -> MoELanguageModel:
+        cfg = ModelConfig(vocab_size=32, dim=16, n_layers=3, n_heads=2, n_dense_layers=n_dense_layers,
+                          dense_ffn_dim=24, num_experts=4, top_k=2, moe_ffn_dim=8, max_seq_len=16)
+        m = MoELanguageModel(cfg)
+        m.configure_model()
+        return m
+
+    def started(state: dict, pl_module: MoELanguageModel) -> ExpertLoadMonitor:
+        monitor = ExpertLoadMonitor()
+        monitor.load_state_dict(state)
+        monitor.on_train_start(None, pl_module)
+        monitor.on_train_end(None, pl_module)
+        return monitor
+
+    saved = ExpertLoadMonitor()
+    assert saved.state_dict() == {"load_ema": None}
+    saved.on_train_start(None, module(1))
+    saved.load_ema = torch.arange(8.0).reshape(2, 4)
+    state = saved.state_dict()
+    assert state["labels"] == ["layer_1", "layer_2"]
+    torch.testing.assert_close(started(state, module(1)).load_ema, saved.load_ema)
+    # another model's layers: the moving average starts again
+    with pytest.warns(UserWarning, match=r"for the MoE layers \['layer_1', 'layer_2'\], this model has \['layer_0'"):
+        assert started(state, module(0)).load_ema is None
+    # older checkpoints (no labels): kept (replaced at the first step if its shape does not fit)
+    torch.testing.assert_close(started({"load_ema": saved.load_ema}, module(0)).load_ema, saved.load_ema)
 
 
 # --- acceptance: the training command with W&B offline, read back from disk ---
