@@ -50,6 +50,8 @@ def test_split_layers_is_contiguous_and_favours_middle_stages():
     (dict(schedule="interleaved_1f1b", pp=2, n_layers=8, microbatches=5), "multiple of strategy.pp=2"),
     (dict(schedule="interleaved_1f1b", pp=2, n_layers=8, microbatches=4, stages_per_rank=1), ">= 2 stages per rank"),
     (dict(schedule="dualpipe", pp=2, n_layers=8, microbatches=4, layers_per_stage=(2, 2, 2, 1)), "summing to"),
+    (dict(schedule="dualpipe", pp=2, n_layers=4, microbatches=4, layers_per_stage=[1, 1, 1]),
+     "strategy.pipeline_layers=\\[1, 1, 1\\]: needs 4 entries"),
     (dict(schedule="chimera", pp=2, n_layers=8, microbatches=4), "must be one of"),
 ])
 def test_bad_plans_fail_with_a_clear_error(kwargs, message):
