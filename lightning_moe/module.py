@@ -7,6 +7,7 @@ on the meta device and shard it before materialising.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -120,12 +121,19 @@ class MoELanguageModel(pl.LightningModule):
             raise ValueError(f"data has token id {top} but model.vocab_size={self.model_cfg.vocab_size}")
         self._checked_vocab = True
 
+    def on_fit_start(self) -> None:
+        # Under pipeline parallelism a step runs several microbatches: count their balance losses with forward hooks,
+        # registered before the first training forward (a compiled block traced without them would never call them;
+        # torch.compile does not guard on submodule hooks). One forward per step needs no hooks (``last_losses``).
+        if self.pipeline is not None:
+            self.balance_losses.attach(self.model)
+
     # --- steps ---
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         self._check_batch(batch)
-        self.balance_losses.attach(self.model)
-        self.balance_losses.reset()
         if self.pipeline is not None:
+            self.balance_losses.attach(self.model)  # normally done in on_fit_start already
+            self.balance_losses.reset()
             return self._pipeline_step(batch, "train")
         scale = 1.0 / self.trainer.accumulate_grad_batches if self._trainer is not None else 1.0
         for _, moe in moe_layers(self.model):
@@ -202,20 +210,35 @@ class MoELanguageModel(pl.LightningModule):
         the sum over the MoE layers (under pipeline parallelism: over every stage's layers) of the mean over the
         step's microbatches of each layer's loss.
 
-        What is counted (``BalanceLossMeter``): each training-mode forward of a layer since the step began, once; the
-        forwards that activation checkpointing recomputes in backward and eval-mode (validation) forwards are not.
         The scale ``aux_loss_scale`` (gradient accumulation, microbatches) weights the gradients only, not these.
 
-        - Without pipeline parallelism a step makes one forward: the losses of the whole batch.
-        - Under pipeline parallelism (M microbatches in one step): the mean over the M microbatches. For the losses
+        - Without pipeline parallelism a step makes one forward: each layer's ``last_losses``, the losses of the whole
+          batch (an activation-checkpoint recompute repeats the same values).
+        - Under pipeline parallelism (M microbatches in one step), what ``BalanceLossMeter`` counted: each
+          training-mode forward of a layer since the step began, once; the forwards that activation checkpointing
+          recomputes in backward and eval-mode (validation) forwards are not counted. The mean over the M
+          microbatches: for the losses
           that are means over sequences or tokens (``seq_aux_loss``, ``z_loss``) that equals the one-process value
           for the whole batch; the classic ``aux_loss`` (products of batch-wide statistics) is defined per forward,
           so it is the mean of the per-microbatch values, which is also what the gradients see.
         - With gradient accumulation each ``training_step`` logs its own batch, like ``train/loss``; Lightning writes
           the values of the last batch of each accumulation window.
         """
-        totals = self.balance_losses.totals()
-        if self.pipeline is not None:  # every rank joins, with or without MoE layers of its own
+        if self.pipeline is None:
+            totals: dict[str, torch.Tensor] = {}
+            for _, moe in moe_layers(self.model):
+                for name, value in moe.last_losses.items():
+                    totals[name] = totals[name] + value if name in totals else value
+        else:  # every rank joins, with or without MoE layers of its own
+            totals = self.balance_losses.totals()
+            missed = [moe for _, moe in moe_layers(self.model)
+                      if moe.last_losses and moe not in self.balance_losses.counts]
+            if missed:  # hooks that never ran (a block compiled and traced before they were registered)
+                warnings.warn("train/aux_loss etc.: the balance-loss hooks of some MoE layers did not run; logging "
+                              "their last microbatch instead of the mean over the microbatches", stacklevel=2)
+                for moe in missed:
+                    for name, value in moe.last_losses.items():
+                        totals[name] = totals[name] + value if name in totals else value
             cfg = self.model_cfg
             names = [n for n, coef in (("aux_loss", cfg.aux_loss_coef), ("seq_aux_loss", cfg.seq_aux_loss_coef),
                                        ("z_loss", cfg.z_loss_coef)) if coef]

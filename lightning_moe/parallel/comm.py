@@ -61,17 +61,23 @@ def all_to_all_split_sizes(counts: torch.Tensor, group: dist.ProcessGroup) -> tu
     asynchronously, and only then is the hook called and the copy waited on. A plain ``.tolist()`` after the hook
     would wait for every kernel the other lane queued meanwhile, drain the GPU queue and expose the next collective.
     Pass a process group of its own (same ranks) to keep the tiny exchange from queueing behind the other lane's
-    token all-to-all on the shared NCCL stream. (The CUDA path has not been run on a GPU yet.)
+    token all-to-all on the shared NCCL stream. (The CUDA path is tested on one GPU, an NCCL group of one rank, in
+    tests/parallel/test_comm_gpu.py, where send and receive splits coincide; the split sums, shared with the CPU path,
+    are tested with uneven splits on CPU; not yet run on several GPUs.)
     """
     ep = dist.get_world_size(group)
     recv_counts = torch.empty_like(counts)
     work = dist.all_to_all_single(recv_counts, counts, group=group, async_op=True)
+    # [2, ep]: rows sent to each rank, rows received from each rank (the same on every device type)
+    def split_sums() -> torch.Tensor:
+        return torch.stack([counts.view(ep, -1).sum(1), recv_counts.view(ep, -1).sum(1)])
+
     if counts.device.type != "cuda":
         _issue_and_wait(work, "counts")
-        send_splits, recv_splits = torch.stack([counts.view(ep, -1).sum(1), recv_counts.view(ep, -1).sum(1)]).tolist()
+        send_splits, recv_splits = split_sums().tolist()
         return recv_counts, send_splits, recv_splits
     work.wait()  # NCCL: the current stream waits; the host does not
-    sums = torch.stack([counts.view(ep, -1).sum(1), recv_counts.view(ep, -1).sum(1)])
+    sums = split_sums()
     host = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=True)
     host.copy_(sums, non_blocking=True)
     copied = torch.cuda.Event()
