@@ -28,6 +28,13 @@ def write_results(path: Path, text: str, title: str) -> None:
     path.write_text(doc)
 
 
+def publish(text: str, out: str | None, title: str) -> None:
+    """Print a result table and, when ``out`` is given, write it into that docs page (``write_results``)."""
+    print(text, flush=True)
+    if out:
+        write_results(Path(out), text, title)
+
+
 def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
     """NCCL on "cuda" (one GPU per LOCAL_RANK), gloo on "cpu" (threads split among the ranks) -> (rank, world,
     device)."""

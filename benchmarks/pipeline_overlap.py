@@ -34,7 +34,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _launch import init_distributed, launch, write_results  # noqa: E402 - benchmarks/ is on sys.path
+from _launch import init_distributed, launch, publish  # noqa: E402 - benchmarks/ is on sys.path
 
 from lightning_moe.models.attention import RotaryEmbedding  # noqa: E402
 from lightning_moe.models.config import ModelConfig  # noqa: E402
@@ -208,14 +208,9 @@ def worker(args) -> None:
     ep_mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("ep",))["ep"]
     rows = [measure(cfg, args, device, dtype, tokens, ac, ep_mesh) for ac in (False, True) for tokens in args.tokens]
     if rank == 0:
-        text = table(rows, cfg, args, device, dtype)
-        print(text, flush=True)
-        out = args.out or ("docs/pipeline_overlap.md" if use_cuda else None)
-        if out:
-            write_results(Path(out), text, "Pipeline forward/backward overlap")
+        publish(table(rows, cfg, args, device, dtype), args.out or ("docs/pipeline_overlap.md" if use_cuda else None),
+                "Pipeline forward/backward overlap")
     dist.destroy_process_group()
-
-
 
 
 def main() -> None:

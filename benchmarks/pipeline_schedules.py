@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _launch import init_distributed, launch, write_results  # noqa: E402 - benchmarks/ is on sys.path
+from _launch import init_distributed, launch, publish  # noqa: E402 - benchmarks/ is on sys.path
 
 from lightning_moe.models.config import ModelConfig  # noqa: E402
 from lightning_moe.models.transformer import MoETransformer  # noqa: E402
@@ -267,14 +267,9 @@ def worker(args) -> None:
                 if rank == 0:
                     print(f"skipped {schedule} with {m} microbatches: {err}", flush=True)
     if rank == 0:
-        text = table(rows, cfg, args, device, dtype)
-        print(text, flush=True)
-        out = args.out or ("docs/pipeline_schedules.md" if use_cuda else None)
-        if out:
-            write_results(Path(out), text, "Pipeline schedules at pp=2")
+        publish(table(rows, cfg, args, device, dtype), args.out or ("docs/pipeline_schedules.md" if use_cuda else None),
+                "Pipeline schedules at pp=2")
     dist.destroy_process_group()
-
-
 
 
 def main() -> None:

@@ -31,6 +31,12 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def _add_losses(totals: dict[str, torch.Tensor], losses: dict[str, torch.Tensor]) -> None:
+    """totals[name] += losses[name] for every loss, starting new names at their value (in place)."""
+    for name, value in losses.items():
+        totals[name] = totals[name] + value if name in totals else value
+
+
 class BalanceLossMeter:
     """Collects the balance losses (``MoE.last_losses``) of every training forward of each MoE layer within a step.
 
@@ -61,18 +67,13 @@ class BalanceLossMeter:
     def _record(self, moe: MoE, args: Any, output: Any) -> None:
         if not (moe.training and moe.last_losses) or _in_backward():
             return
-        sums = self._sums.setdefault(moe, {})
-        for name, value in moe.last_losses.items():
-            value = value.detach()
-            sums[name] = sums[name] + value if name in sums else value
+        _add_losses(self._sums.setdefault(moe, {}), {name: value.detach() for name, value in moe.last_losses.items()})
         self.counts[moe] = self.counts.get(moe, 0) + 1
 
     def totals(self) -> dict[str, torch.Tensor]:
         totals: dict[str, torch.Tensor] = {}
         for moe, sums in self._sums.items():
-            for name, value in sums.items():
-                mean = value / self.counts[moe]
-                totals[name] = totals[name] + mean if name in totals else mean
+            _add_losses(totals, {name: value / self.counts[moe] for name, value in sums.items()})
         return totals
 
 
@@ -227,8 +228,7 @@ class MoELanguageModel(pl.LightningModule):
         if self.pipeline is None:
             totals: dict[str, torch.Tensor] = {}
             for _, moe in moe_layers(self.model):
-                for name, value in moe.last_losses.items():
-                    totals[name] = totals[name] + value if name in totals else value
+                _add_losses(totals, moe.last_losses)
         else:  # every rank joins, with or without MoE layers of its own
             totals = self.balance_losses.totals()
             missed = [moe for _, moe in moe_layers(self.model)
@@ -237,8 +237,7 @@ class MoELanguageModel(pl.LightningModule):
                 warnings.warn("train/aux_loss etc.: the balance-loss hooks of some MoE layers did not run; logging "
                               "their last microbatch instead of the mean over the microbatches", stacklevel=2)
                 for moe in missed:
-                    for name, value in moe.last_losses.items():
-                        totals[name] = totals[name] + value if name in totals else value
+                    _add_losses(totals, moe.last_losses)
             cfg = self.model_cfg
             names = [n for n, coef in (("aux_loss", cfg.aux_loss_coef), ("seq_aux_loss", cfg.seq_aux_loss_coef),
                                        ("z_loss", cfg.z_loss_coef)) if coef]

@@ -32,26 +32,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
-from lightning_moe.callbacks.expert_load import layer_label
+from lightning_moe.callbacks.expert_load import gather_objects, layer_label, pipeline_group
 from lightning_moe.eplb import gpu_loads, rebalance_experts
 from lightning_moe.errors import ConfigError
 from lightning_moe.moe.balance import moe_layers
 from lightning_moe.parallel.expert_parallel import ExpertParallel, apply_expert_parallel
 from lightning_moe.parallel.redundant_experts import register_optimizer_layout_hooks
-
-
-def _pipeline_group(pl_module: Any) -> dist.ProcessGroup | None:
-    """The pipeline group of a pipeline-parallel module (``pl_module.pipeline.pp_group``), else None."""
-    return getattr(getattr(pl_module, "pipeline", None), "pp_group", None)
-
-
-def _gather(obj: Any, group: dist.ProcessGroup | None) -> list[Any]:
-    """``obj`` of every rank of ``group`` in group-rank order (a collective); ``[obj]`` without a group."""
-    if group is None:
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
-    return out
 
 
 def _positive_int(value: Any, key: str, minimum: int) -> int:
@@ -166,10 +152,10 @@ class ExpertRebalancer(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         layers = moe_layers(pl_module)
         labels = [layer_label(name, k) for k, (name, _) in enumerate(layers)]
-        self._pp_group = _pipeline_group(pl_module)
+        self._pp_group = pipeline_group(pl_module)
         # Under pipeline parallelism every rank learns every stage's problems and layers (a collective), so that all
         # raise the same error: a stage raising alone would leave the others waiting in a collective.
-        gathered = _gather((self._check_layers(layers), labels), self._pp_group)
+        gathered = gather_objects((self._check_layers(layers), labels), self._pp_group)
         problems = [problem for problem, _ in gathered if problem]
         if problems:
             raise ConfigError(problems[0])
@@ -210,7 +196,8 @@ class ExpertRebalancer(Callback):
         skipped = self._restore(restored, trainer) if restored else []
         # Every stage's placements, for the checkpoints (rank 0 writes the callback state), and every stage's
         # restore problems, for one warning: a collective over the pipeline group.
-        gathered = _gather(({label: experts.placement for label, experts, _ in self._layers}, skipped), self._pp_group)
+        own = {label: experts.placement for label, experts, _ in self._layers}
+        gathered = gather_objects((own, skipped), self._pp_group)
         self._placements = {label: p for table, _ in gathered for label, p in table.items()}
         skipped = [problem for _, stage in gathered for problem in stage]
         if skipped:
@@ -266,7 +253,8 @@ class ExpertRebalancer(Callback):
         calls it at the same step (under pipeline parallelism each stage plans its own layers, then the results are
         gathered over the pipeline group)."""
         load, self._load = self._load, None
-        plans = [plan for plan in _gather(self._plan(trainer, pl_module, load), self._pp_group) if plan is not None]
+        plans = gather_objects(self._plan(trainer, pl_module, load), self._pp_group)
+        plans = [plan for plan in plans if plan is not None]
         if not plans:
             return
         for plan in plans:

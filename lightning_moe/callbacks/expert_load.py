@@ -158,9 +158,18 @@ def _model_order(label: str) -> tuple[int, int]:
     return (2, 0)
 
 
-def _pipeline_group(pl_module: Any) -> dist.ProcessGroup | None:
+def pipeline_group(pl_module: Any) -> dist.ProcessGroup | None:
     """The pipeline group of a pipeline-parallel module (``pl_module.pipeline.pp_group``), else None."""
     return getattr(getattr(pl_module, "pipeline", None), "pp_group", None)
+
+
+def gather_objects(obj: Any, group: dist.ProcessGroup | None) -> list[Any]:
+    """``obj`` of every rank of ``group`` in group-rank order (a collective); ``[obj]`` without a group."""
+    if group is None:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
 
 
 def _every(step: int, interval: int | None) -> bool:
@@ -251,7 +260,7 @@ class ExpertLoadMonitor(Callback):
         labels = [layer_label(name, k) for k, (name, _) in enumerate(layers)]
         has_capacity = any(getattr(m, "capacity_factor", None) is not None for _, m in layers)
         self._num_experts = layers[0][1].router.tokens_per_expert.numel() if layers else 0
-        self._pp_group = _pipeline_group(pl_module)
+        self._pp_group = pipeline_group(pl_module)
         if self._pp_group is None:
             self.layer_labels, self._has_capacity = labels, has_capacity
         else:
@@ -273,8 +282,7 @@ class ExpertLoadMonitor(Callback):
     def _setup_pipeline(self, pl_module: pl.LightningModule, labels: list[str], has_capacity: bool) -> None:
         """Learn the MoE layers of every pipeline stage (a collective over the pipeline group): their labels in model
         order, and the row of each of this rank's layers among them. Every rank raises the same errors."""
-        gathered: list[Any] = [None] * dist.get_world_size(self._pp_group)
-        dist.all_gather_object(gathered, (labels, has_capacity, self._num_experts), group=self._pp_group)
+        gathered = gather_objects((labels, has_capacity, self._num_experts), self._pp_group)
         every = [label for stage_labels, _, _ in gathered for label in stage_labels]
         if len(set(every)) != len(every):
             raise ValueError(f"ExpertLoadMonitor: the MoE layer labels {every} of the pipeline stages are not unique "
