@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lightning_moe.models.config import ModelConfig  # noqa: E402
 from lightning_moe.moe.experts import RoutedExperts  # noqa: E402
@@ -75,47 +76,69 @@ def timeit(fn, warmup: int, iters: int, device: torch.device, repeats: int = 5) 
     return statistics.median(times)
 
 
+def profile_layer(name: str, step, folder: Path, steps: int = 3) -> None:
+    """Kernel table, Chrome trace and GPU idle gaps (``gpu_gaps.py``) of ``steps`` back-to-back steps."""
+    from gpu_gaps import gap_report, load
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=90)
+    busy = sum(e.self_device_time_total for e in prof.key_averages()) / steps / 1e3
+    table += f"\nGPU busy per step (sum of kernel times / {steps}): {busy:.2f} ms\n"
+    folder.mkdir(parents=True, exist_ok=True)
+    trace = folder / f"trace_{name}_compiled.json"
+    prof.export_chrome_trace(str(trace))
+    gaps = gap_report(load(trace), steps)
+    print(gaps, flush=True)
+    (folder / f"profile_{name}_compiled.txt").write_text(table + "\n" + gaps)
+
+
 def layer_variants(name, layer, xl, run_compiled, record, args, device) -> None:
     """Compiled-layer variants, each against the row just above it in the same process.
 
     - ``bmm combine``: the gathers written as ``index_select`` + ``bmm`` (eager mode's form) instead of the
       product-sum form Inductor fuses (``permute._fusible``), i.e. the layer before that change.
-    - ``TF32 router``: ``torch.set_float32_matmul_precision("high")``, so the fp32 router GEMMs use TF32.
+    - ``fp32 router``: the router GEMM on upcast fp32 copies of the tokens and weights (the form before
+      ``router._RouterLogits``), with ``float32_matmul_precision`` as set (TF32 with ``high``).
     - ``CUDA graphs``: ``mode="reduce-overhead"`` (no launch gaps); the layer has no host synchronisation.
     """
     from lightning_moe.moe import permute as permute_mod
+    from lightning_moe.moe import router as router_mod
 
     def fresh(**kwargs):
         torch._dynamo.reset()
         return torch.compile(layer, **kwargs)
 
+    def timed(label, note, compiled, step=None):
+        step = step or (lambda: run_compiled(compiled=compiled))
+        record(f"moe_layer[{name}]+compile, {label}", timeit(step, args.warmup, args.iters, device), note)
+
     fusible = permute_mod._fusible
     permute_mod._fusible = lambda dtype: False
     try:
-        compiled = fresh()
-        record(f"moe_layer[{name}]+compile, bmm combine",
-               timeit(lambda: run_compiled(compiled=compiled), args.warmup, args.iters, device), "previous form")
+        timed("bmm combine", "previous form", fresh())
     finally:
         permute_mod._fusible = fusible
-    precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
+    logits = router_mod.router_logits
+    router_mod.router_logits = lambda x, w: F.linear(x.float(), w.float())
     try:
-        compiled = fresh()
-        record(f"moe_layer[{name}]+compile, TF32 router",
-               timeit(lambda: run_compiled(compiled=compiled), args.warmup, args.iters, device),
-               "float32_matmul_precision=high")
-        if device.type == "cuda":
-            graphed = fresh(mode="reduce-overhead")
-
-            def run_graphed():
-                torch.compiler.cudagraph_mark_step_begin()
-                run_compiled(compiled=graphed)
-
-            record(f"moe_layer[{name}]+compile, TF32 router, CUDA graphs",
-                   timeit(run_graphed, args.warmup, args.iters, device), "mode=reduce-overhead")
+        timed("fp32 router", "previous form: upcast copies, fp32 GEMMs", fresh())
     finally:
-        torch.set_float32_matmul_precision(precision)
-        torch._dynamo.reset()
+        router_mod.router_logits = logits
+    if device.type == "cuda":
+        graphed = fresh(mode="reduce-overhead")
+
+        def run_graphed():
+            torch.compiler.cudagraph_mark_step_begin()
+            run_compiled(compiled=graphed)
+
+        timed("CUDA graphs", "mode=reduce-overhead", graphed, run_graphed)
+    torch._dynamo.reset()
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -136,7 +159,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--out", default=None, help="markdown file for the table (default: docs/ on GPU runs)")
     p.add_argument("--profile", default=None, help="folder for CUDA kernel tables of the compiled layers")
     p.add_argument("--variants-for", default="", help="kernels (comma-separated) for which to also time the compiled "
-                   "layer with the eager bmm combine, with CUDA graphs, and with a TF32 router GEMM")
+                   "layer with the eager bmm combine, with the fp32 router GEMMs, and with CUDA graphs")
     args = p.parse_args(argv)
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -239,17 +262,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if name in args.variants_for.split(","):
                 layer_variants(name, layer, xl, run_compiled, record, args, device)
             if args.profile and device.type == "cuda":
-                from torch.profiler import ProfilerActivity, profile
-
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(3):
-                        run_compiled()
-                    torch.cuda.synchronize()
-                table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=90)
-                busy = sum(e.self_device_time_total for e in prof.key_averages()) / 3 / 1e3
-                table += f"\nGPU busy per step (sum of kernel times / 3): {busy:.2f} ms\n"
-                Path(args.profile).mkdir(parents=True, exist_ok=True)
-                (Path(args.profile) / f"profile_{name}_compiled.txt").write_text(table)
+                profile_layer(name, run_compiled, Path(args.profile))
 
     dense_ms = rows[0]["ms"]
     dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"

@@ -57,6 +57,44 @@ def sequence_balance_loss(probs: torch.Tensor, expert_indices: torch.Tensor, num
     return (f * p).sum(-1).mean()
 
 
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` accumulated and returned in fp32. On CUDA 16-bit operands go straight into one GEMM with an fp32
+    output (their products are exact in fp32), with no upcast copies; elsewhere the operands are upcast first."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+class _RouterLogits(torch.autograd.Function):
+    """fp32 logits ``x @ weight.T`` of 16-bit tokens and weights, without upcasting them.
+
+    The forward equals the fp32 GEMM of the upcast operands up to summation order. The backward rounds the fp32 logit
+    gradients to the tokens' dtype for its two GEMMs (fp32 accumulation), as every other GEMM of a 16-bit model does;
+    the weight gradient is reduced over the tokens in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return _mm_fp32(x, weight.t())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        g = grad.to(x.dtype)
+        grad_x = torch.mm(g, weight) if ctx.needs_input_grad[0] else None
+        grad_w = _mm_fp32(g.t(), x).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """[T, E] fp32 router logits of tokens x [T, D]. 16-bit tokens and weights use one GEMM with an fp32 output
+    (``_RouterLogits``); other dtypes are upcast to fp32."""
+    if x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype:
+        return _RouterLogits.apply(x, weight)
+    return F.linear(x.float(), weight.float())
+
+
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
     """Router z-loss: mean squared log-partition of the router logits. logits: [T, E]."""
     return torch.logsumexp(logits, dim=-1).square().mean()
@@ -117,7 +155,7 @@ class TopKRouter(nn.Module):
     def forward(self, x: torch.Tensor, seq_len: int) -> RoutingResult:
         """x: [T, D] tokens, laid out as consecutive sequences of ``seq_len`` tokens."""
         # fp32 router: the softmax/sigmoid and the balancing statistics are precision-sensitive.
-        logits = F.linear(x.float(), self.gate.weight.float())  # [T, E]
+        logits = router_logits(x, self.gate.weight)  # [T, E] fp32
         scores = self._scores(logits)
         choice = scores.detach() + self.expert_bias if self.bias_update_speed > 0 else scores.detach()
         if self.n_group > 1:

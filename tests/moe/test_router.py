@@ -126,3 +126,43 @@ def test_bias_off_keeps_bias_zero():
     r = TopKRouter(4, 4, 1, bias_update_speed=0.0)
     r.update_bias(torch.tensor([10.0, 0.0, 0.0, 0.0]))
     assert torch.all(r.expert_bias == 0)
+
+
+_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_router_logits_match_float64(device, dtype, seed):
+    """16-bit tokens and weights give fp32 logits as exact as an fp32 GEMM of the upcast operands (on CUDA: one GEMM
+    with an fp32 output); the gradients are within 16-bit rounding of the float64 ones."""
+    from lightning_moe.moe.router import router_logits
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(300, 256, generator=g).to(device, dtype).requires_grad_()
+    w = (torch.randn(24, 256, generator=g) * 0.05).to(device, dtype).requires_grad_()
+    grad = torch.randn(300, 24, generator=g).to(device)
+    logits = router_logits(x, w)
+    assert logits.dtype == torch.float32
+    logits.backward(grad)
+
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = x64 @ w64.T
+    ref.backward(grad.double())
+
+    def rel(a, b):
+        return ((a.double() - b).norm() / b.norm()).item()
+
+    assert rel(logits, ref) < 1e-6  # exact products, fp32 accumulation
+    assert x.grad.dtype == dtype and w.grad.dtype == dtype
+    assert rel(x.grad, x64.grad) < 1e-2
+    assert rel(w.grad, w64.grad) < 1e-2
+
+
+def test_fp32_router_logits_are_plain_linear(seed):
+    from lightning_moe.moe.router import router_logits
+
+    x, w = torch.randn(10, 8), torch.randn(4, 8)
+    torch.testing.assert_close(router_logits(x, w), x @ w.T)
+    # mixed dtypes fall back to upcasting both
+    assert router_logits(x.bfloat16(), w).dtype == torch.float32
