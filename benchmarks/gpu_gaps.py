@@ -2,6 +2,11 @@
 
     python benchmarks/gpu_gaps.py trace.json --steps 3
 
+Steps can be delimited by a marker kernel launched before each step and after the last one (``MARKER``: the kernel
+of ``torch.cuda._sleep``). Then the first step is left out, since after a synchronisation it waits for the host to
+launch it while a training step finds the previous step's work still queued; without markers the whole trace is
+divided by ``--steps``.
+
 For each gap it reports the kernels on both sides and the launch delay of the kernel after it: how long after its
 launch call (``cudaLaunchKernel`` and friends, joined by correlation id) the kernel started. A gap whose next kernel
 started right after its launch means the GPU waited for the host; the CPU operator that was running the launch says
@@ -17,6 +22,7 @@ import json
 from pathlib import Path
 
 GPU_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
+MARKER = "spin_kernel"
 
 
 def load(path: str | Path) -> list[dict]:
@@ -31,6 +37,10 @@ def _short(name: str, width: int = 60) -> str:
 
 def gap_report(events: list[dict], steps: int = 1, top: int = 12, min_gap_us: float = 5.0) -> str:
     gpu = sorted((e for e in events if e.get("cat") in GPU_CATS), key=lambda e: e["ts"])
+    marks = [i for i, e in enumerate(gpu) if MARKER in e["name"]]
+    if len(marks) >= 3:  # steps 2.. between markers
+        steps = len(marks) - 2
+        gpu = [e for e in gpu[marks[1]:marks[-1] + 1] if MARKER not in e["name"]]
     if not gpu:
         return "no GPU events in the trace\n"
     launches = {e["args"].get("correlation"): e for e in events

@@ -77,25 +77,32 @@ def timeit(fn, warmup: int, iters: int, device: torch.device, repeats: int = 5) 
 
 
 def profile_layer(name: str, step, folder: Path, steps: int = 3) -> None:
-    """Kernel table, Chrome trace and GPU idle gaps (``gpu_gaps.py``) of ``steps`` back-to-back steps."""
+    """Kernel table, Chrome trace and GPU idle gaps (``gpu_gaps.py``) of ``steps`` back-to-back steps.
+
+    One more step runs first, inside the trace, so that the measured steps find work queued on the GPU as in
+    training; marker kernels between the steps let ``gpu_gaps`` leave it out. The kernel table covers all steps.
+    """
     from gpu_gaps import gap_report, load
     from torch.profiler import ProfilerActivity, profile
 
     step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
+        for _ in range(1 + steps):
+            torch.cuda._sleep(100)  # the step marker
             step()
+        torch.cuda._sleep(100)
         torch.cuda.synchronize()
+    steps += 1
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=90)
     busy = sum(e.self_device_time_total for e in prof.key_averages()) / steps / 1e3
     table += f"\nGPU busy per step (sum of kernel times / {steps}): {busy:.2f} ms\n"
     folder.mkdir(parents=True, exist_ok=True)
-    trace = folder / f"trace_{name}_compiled.json"
+    trace = folder / f"trace_{name}.json"
     prof.export_chrome_trace(str(trace))
     gaps = gap_report(load(trace), steps)
-    print(gaps, flush=True)
-    (folder / f"profile_{name}_compiled.txt").write_text(table + "\n" + gaps)
+    print(f"{name}: {gaps}", flush=True)
+    (folder / f"profile_{name}.txt").write_text(table + "\n" + gaps)
 
 
 def layer_variants(name, layer, xl, run_compiled, record, args, device) -> None:
@@ -199,6 +206,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.compile:
         compiled_dense = torch.compile(dense_mlp)
         record("dense_mlp+compile", timeit(lambda: dense(compiled_dense), args.warmup, args.iters, device))
+        if args.profile and device.type == "cuda":
+            profile_layer("dense_mlp_compiled", lambda: dense(compiled_dense), Path(args.profile))
 
     # balanced-ish counts for the pre-permuted expert kernels
     routed = torch.randint(0, e, (t * k,), device=device).sort().values
@@ -262,7 +271,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if name in args.variants_for.split(","):
                 layer_variants(name, layer, xl, run_compiled, record, args, device)
             if args.profile and device.type == "cuda":
-                profile_layer(name, run_compiled, Path(args.profile))
+                profile_layer(f"{name}_compiled", run_compiled, Path(args.profile))
 
     dense_ms = rows[0]["ms"]
     dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"

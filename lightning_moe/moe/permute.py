@@ -117,15 +117,23 @@ class _Combine(torch.autograd.Function):
         rows, w, inverse, token_index, slot_order = ctx.saved_tensors
         t, k = w.shape
         grad_rows = grad_w = None
+        if _fusible(rows.dtype):
+            # Both gradients in row order from one gather of grad_out, so Inductor emits a single kernel that reads
+            # each row and its token's gradient once and writes grad_rows and the row's dot product; only the [N]
+            # dot products are then reordered into slots.
+            grad_tok = grad_out.index_select(0, token_index).float()  # [N, D]
+            if ctx.needs_input_grad[0]:
+                w_rows = w.reshape(-1).index_select(0, slot_order).unsqueeze(-1)
+                grad_rows = (grad_tok * w_rows).to(rows.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_w = (rows.float() * grad_tok).sum(-1).index_select(0, inverse).view(t, k)
+            return grad_rows, grad_w, None, None, None
         if ctx.needs_input_grad[0]:
             w_rows = w.reshape(-1).index_select(0, slot_order).unsqueeze(-1)
             grad_rows = grad_out.index_select(0, token_index) * w_rows
         if ctx.needs_input_grad[1]:
             per_slot = rows.index_select(0, inverse).view(t, k, -1)
-            if _fusible(rows.dtype):  # one fused gather-dot kernel
-                grad_w = (per_slot.float() * grad_out.unsqueeze(1).float()).sum(-1)
-            else:
-                grad_w = torch.bmm(per_slot, grad_out.unsqueeze(-1)).squeeze(-1).float()
+            grad_w = torch.bmm(per_slot, grad_out.unsqueeze(-1)).squeeze(-1).float()
         return grad_rows, grad_w, None, None, None
 
 
