@@ -113,13 +113,14 @@ def layer_variants(name, layer, xl, run_compiled, record, args, device) -> None:
     - ``fp32 router``: the router GEMM on upcast fp32 copies of the tokens and weights (the form before
       ``router._RouterLogits``), with ``float32_matmul_precision`` as set (TF32 with ``high``).
     - ``CUDA graphs``: ``mode="reduce-overhead"`` (no launch gaps); the layer has no host synchronisation.
+    - ``Triton weight gradients`` (``triton`` only): ``triton_grouped.WGRAD="triton"`` instead of ``grouped_mm``.
     """
     from lightning_moe.moe import permute as permute_mod
     from lightning_moe.moe import router as router_mod
 
     def fresh(**kwargs):
         torch._dynamo.reset()
-        return torch.compile(layer, **kwargs)
+        return torch.compile(layer, **{"mode": args.compile_mode, **kwargs})
 
     def timed(label, note, compiled, step=None):
         step = step or (lambda: run_compiled(compiled=compiled))
@@ -145,6 +146,14 @@ def layer_variants(name, layer, xl, run_compiled, record, args, device) -> None:
             run_compiled(compiled=graphed)
 
         timed("CUDA graphs", "mode=reduce-overhead", graphed, run_graphed)
+    if name == "triton":
+        from lightning_moe.moe import triton_grouped
+
+        triton_grouped.WGRAD = "triton"
+        try:
+            timed("Triton weight gradients", "previous form: triton_grouped.WGRAD=triton", fresh())
+        finally:
+            triton_grouped.WGRAD = "auto"
     torch._dynamo.reset()
 
 
@@ -163,6 +172,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20, help="back-to-back calls per timed repeat (5 repeats)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd layers")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode of every compiled row, e.g. "
+                   "max-autotune-no-cudagraphs (Inductor's GEMM templates, with prologue/epilogue fusion)")
     p.add_argument("--out", default=None, help="markdown file for the table (default: docs/ on GPU runs)")
     p.add_argument("--profile", default=None, help="folder for CUDA kernel tables of the compiled layers")
     p.add_argument("--variants-for", default="", help="kernels (comma-separated) for which to also time the compiled "
@@ -204,7 +215,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     record("dense_mlp, grads accumulated", timeit(lambda: dense(accumulate=True), args.warmup, args.iters, device),
            "no zero_grad between steps")
     if args.compile:
-        compiled_dense = torch.compile(dense_mlp)
+        compiled_dense = torch.compile(dense_mlp, mode=args.compile_mode)
         record("dense_mlp+compile", timeit(lambda: dense(compiled_dense), args.warmup, args.iters, device))
         if args.profile and device.type == "cuda":
             profile_layer("dense_mlp_compiled", lambda: dense(compiled_dense), Path(args.profile))
@@ -257,7 +268,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
         record(f"moe_layer[{name}]", timeit(run_layer, args.warmup, iters, device))
         if args.compile and name != "loop":
-            compiled = torch.compile(layer)
+            compiled = torch.compile(layer, mode=args.compile_mode)
 
             def run_compiled(compiled=compiled, xl=xl, layer=layer, accumulate=False):
                 if not accumulate:

@@ -88,14 +88,15 @@ def _rel(a, b):
 
 @cuda
 @needs_triton
-@pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.parametrize("tma,wgrad", [(True, "auto"), (False, "auto"), (True, "triton")])
 @pytest.mark.parametrize("shape", [(8, 256, 136, 1000), (16, 512, 384, 3000)])
-def test_gpu_triton_matches_loop_in_bf16(seed, monkeypatch, tma, shape):
+def test_gpu_triton_matches_loop_in_bf16(seed, monkeypatch, tma, wgrad, shape):
     from lightning_moe.moe import triton_grouped as tg
 
     if tma and not tg.use_tma(torch.device("cuda")):
         pytest.skip("this GPU has no TMA")
     monkeypatch.setattr(tg, "use_tma", lambda device: tma)
+    monkeypatch.setattr(tg, "WGRAD", wgrad)
     x, counts, w13, w2 = _gpu_inputs(*shape)
     out = tg.triton_experts(x, counts, w13, w2)
     g = torch.randn_like(out)

@@ -92,10 +92,10 @@ def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _fit(world_size: int, seed: int, callbacks: tuple = (), **sizes) -> MoELanguageModel:
+def _fit(world_size: int, seed: int, callbacks: tuple = (), accelerator: str = "cpu", **sizes) -> MoELanguageModel:
     pl.seed_everything(seed, verbose=False)
     module = MoELanguageModel(CFG, {"lr": 1e-3, "warmup_steps": 0})
-    trainer = pl.Trainer(accelerator="cpu", devices=world_size, strategy=MoEStrategy(meta_init=True, **sizes),
+    trainer = pl.Trainer(accelerator=accelerator, devices=world_size, strategy=MoEStrategy(meta_init=True, **sizes),
                          max_steps=0, logger=False, callbacks=list(callbacks), enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                          num_sanity_val_steps=0)
@@ -176,6 +176,30 @@ def _two_rank_worker(rank: int, world_size: int, seed: int) -> None:
 
 def test_meta_init_sharded_and_replicated_two_ranks(seed):
     run_workers(_two_rank_worker, 2, seed)
+
+
+_GPU_SCRIPT = """
+import torch
+from tests.parallel.test_meta_init import CFG, _check_init, _fit, _params
+model = _fit(1, {seed}, accelerator="gpu").model
+assert next(model.parameters()).is_cuda
+_check_init(_params(model), {{n: b.cpu() for n, b in model.named_buffers()}}, CFG, "meta init, 1 GPU")
+print("meta init on the GPU: OK")
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_meta_init_runs_the_models_own_init(seed):
+    """On CUDA the sharded weights draw through torch's ``OffsetBasedRNGTracker`` (NCCL group of one rank; in a
+    subprocess, so its process group does not outlive the test)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", _GPU_SCRIPT.format(seed=seed)], cwd=root, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
 
 
 class _Node(nn.Module):
