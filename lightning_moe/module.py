@@ -97,7 +97,7 @@ class MoELanguageModel(pl.LightningModule):
         self.grad_norm_groups: list = []
         # Set by MoEStrategy under pipeline parallelism: runs each batch through the schedule (lightning_moe.pipeline)
         self.pipeline = None
-        # the balance losses of this step's training forwards, for logging (see _log_aux_losses)
+        # the balance losses of this step's training forwards, for logging (see _aux_loss_totals)
         self.balance_losses = BalanceLossMeter()
         self._checked_vocab = False
 
@@ -142,14 +142,13 @@ class MoELanguageModel(pl.LightningModule):
         logits, mtp_logits = self._forward_with_mtp(batch)
         loss = self.lm_loss(logits, batch[:, 1:])
         # train/loss is the main next-token loss only (comparable with MTP off); MTP terms are logged apart
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        metrics = {"train/loss": loss}
         if mtp_logits:
             weight = mtp_lambda(self.model_cfg, self.global_step)
-            loss = loss + weight * self._mtp_loss(mtp_logits, batch[:, 1:], "train")
+            mtp = self._mtp_metrics(mtp_losses(mtp_logits, batch[:, 1:]), "train", metrics)
+            loss = loss + weight * mtp
             self.log("train/mtp_lambda", weight)
-        self._log_aux_losses()
-        if self._trainer is not None and self.trainer.optimizers:
-            self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
+        self._log_train_metrics(metrics)
         return loss
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
@@ -157,9 +156,10 @@ class MoELanguageModel(pl.LightningModule):
             return self._pipeline_step(batch, "val")
         logits, mtp_logits = self._forward_with_mtp(batch)
         loss = self.lm_loss(logits, batch[:, 1:])
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        metrics = {"val/loss": loss}
         if mtp_logits:
-            self._mtp_loss(mtp_logits, batch[:, 1:], "val")
+            self._mtp_metrics(mtp_losses(mtp_logits, batch[:, 1:]), "val", metrics)
+        self._log_val_metrics(metrics)
         return loss
 
     def _pipeline_step(self, batch: torch.Tensor, stage: str) -> torch.Tensor:
@@ -173,19 +173,16 @@ class MoELanguageModel(pl.LightningModule):
                 optimizer.zero_grad(set_to_none=True)
         parts = self.pipeline.step(batch[:, :-1], batch[:, 1:], train=train)
         loss = parts[0]
-        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True)
+        metrics = {f"{stage}/loss": loss}
         if parts.numel() > 1:
-            for k, value in enumerate(parts[1:], start=1):
-                self.log(f"{stage}/mtp_loss_{k}", value, sync_dist=not train)
-            mtp = parts[1:].mean()
-            self.log(f"{stage}/mtp_loss", mtp, sync_dist=not train)
+            mtp = self._mtp_metrics(list(parts[1:]), stage, metrics)
             if train:
                 self.log("train/mtp_lambda", weight)
                 loss = loss + weight * mtp
         if train:
-            self._log_aux_losses()
-            if self.trainer.optimizers:
-                self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
+            self._log_train_metrics(metrics)
+        else:
+            self._log_val_metrics(metrics)
         return loss
 
     # --- multi-token prediction (lightning_moe.models.mtp) ---
@@ -195,21 +192,45 @@ class MoELanguageModel(pl.LightningModule):
             return self.model(batch[:, :-1]), []
         return self.model(batch[:, :-1], labels=batch[:, 1:])
 
-    def _mtp_loss(self, mtp_logits: list[torch.Tensor], labels: torch.Tensor, stage: str) -> torch.Tensor:
-        """Mean of the per-depth cross-entropies (unweighted); logs ``{stage}/mtp_loss`` and ``{stage}/mtp_loss_{k}``.
-        """
-        losses = mtp_losses(mtp_logits, labels)
-        sync = stage != "train"
+    @staticmethod
+    def _mtp_metrics(losses: list[torch.Tensor], stage: str, metrics: dict) -> torch.Tensor:
+        """Adds ``{stage}/mtp_loss_{k}`` (per depth) and ``{stage}/mtp_loss`` (their unweighted mean) to ``metrics``;
+        returns the mean."""
         for k, value in enumerate(losses, start=1):
-            self.log(f"{stage}/mtp_loss_{k}", value, sync_dist=sync)
-        mean = torch.stack(losses).mean()
-        self.log(f"{stage}/mtp_loss", mean, sync_dist=sync)
+            metrics[f"{stage}/mtp_loss_{k}"] = value
+        mean = torch.stack(list(losses)).mean()
+        metrics[f"{stage}/mtp_loss"] = mean
         return mean
 
-    def _log_aux_losses(self) -> None:
-        """Log ``train/{aux_loss,seq_aux_loss,z_loss}`` (each already times its coefficient) of this training step:
-        the sum over the MoE layers (under pipeline parallelism: over every stage's layers) of the mean over the
-        step's microbatches of each layer's loss.
+    def _log_val_metrics(self, metrics: dict[str, torch.Tensor]) -> None:
+        for name, value in metrics.items():  # Lightning averages them over the epoch and the ranks
+            self.log(name, value, prog_bar=name == "val/loss", sync_dist=True)
+
+    def _log_train_metrics(self, metrics: dict[str, torch.Tensor]) -> None:
+        """Log a training step's scalars (``metrics``, the balance losses, ``lr``) as their means over all processes,
+        with one all-reduce for all of them (``sync_dist=True`` would issue one per value).
+
+        Every process logs the same names in the same order (they depend on the config only). Under pipeline
+        parallelism the values are already the same on every stage of a pipeline, so the mean over all processes is
+        the mean over the data-parallel replicas.
+        """
+        metrics = {**metrics, **{f"train/{k}": v for k, v in self._aux_loss_totals().items()}}
+        names = list(metrics)
+        device = self.pipeline.device if self.pipeline is not None else self.device
+        values = torch.stack([torch.as_tensor(metrics[n]).detach().float().reshape(()).to(device) for n in names])
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(values)
+            values = values / dist.get_world_size()
+        for name, value in zip(names, values):
+            self.log(name, value, prog_bar=name == "train/loss")
+        if self._trainer is not None and self.trainer.optimizers:
+            self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
+
+    def _aux_loss_totals(self) -> dict[str, torch.Tensor]:
+        """``{aux_loss,seq_aux_loss,z_loss}`` (each already times its coefficient) of this training step, logged as
+        ``train/...`` (mean over the data-parallel replicas): the sum over the MoE layers (under pipeline
+        parallelism: over every stage's layers) of the mean over the step's microbatches of each layer's loss.
 
         The scale ``aux_loss_scale`` (gradient accumulation, microbatches) weights the gradients only, not these.
 
@@ -246,8 +267,7 @@ class MoELanguageModel(pl.LightningModule):
                 vec[i] += totals.get(name, 0)
             torch.distributed.all_reduce(vec, group=self.pipeline.pp_group)
             totals = dict(zip(names, vec))
-        for name, value in totals.items():
-            self.log(f"train/{name}", value)
+        return totals
 
     # --- expert balancing, once per optimizer step ---
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:

@@ -67,12 +67,16 @@ def _pipeline_worker(rank: int, world_size: int, seed: int, schedule: str, sizes
     assert module.pipeline._expert_parallel == (dims.ep > 1)
 
     per_rank = 2 * MICROBATCHES
-    batch = torch.randint(0, 64, (per_rank * dims.dp, 13), generator=torch.Generator().manual_seed(seed + 1))
-    # logged without sync over data-parallel ranks: each rank's values are its own share of the batch
-    dp_rank = meshes.dp.get_local_rank()
-    batch = batch[dp_rank * per_rank:(dp_rank + 1) * per_rank]
-    expected = _reference(ref, batch, MICROBATCHES)
-    whole_batch = _reference(ref, batch, 1)
+    full = torch.randint(0, 64, (per_rank * dims.dp, 13), generator=torch.Generator().manual_seed(seed + 1))
+    shares = full.split(per_rank)
+    batch = shares[meshes.dp.get_local_rank()]
+    # logged as the mean over the data-parallel replicas, each of which has its own share of the batch
+    refs = [_reference(ref, share, MICROBATCHES) for share in shares]
+    expected = {n: sum(r[n] for r in refs) / len(refs) for n in NAMES}
+    wholes = [_reference(ref, share, 1) for share in shares]
+    whole_batch = {n: sum(r[n] for r in wholes) / len(wholes) for n in NAMES}
+    if dims.dp > 1:  # the shares differ, so the mean is not any one rank's value
+        assert any(abs(r["z_loss"] - refs[0]["z_loss"]) > 1e-6 for r in refs[1:])
     for _ in range(2):  # a second step starts from zero
         with FULL_RECOMPUTE():
             module.training_step(batch, 0)
