@@ -25,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_moe.moe import triton_grouped as tg  # noqa: E402
-from lightning_moe.moe.kernels import grouped_mm_experts  # noqa: E402
+from lightning_moe.moe.kernels import grouped_mm_experts, swiglu  # noqa: E402
 
 # (bm, bn, bk, warps, stages). Three 128x128x64 stages (96 KB of shared memory) let two programs share an SM, so one's
 # epilogue overlaps the other's main loop; the larger tiles run one program per SM.
@@ -52,11 +52,6 @@ def bench(fn) -> float:
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def swiglu(h13: torch.Tensor) -> torch.Tensor:
-    g, u = h13.chunk(2, dim=-1)
-    return F.silu(g) * u
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 ExpertKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _swiglu(h13: torch.Tensor) -> torch.Tensor:
+def swiglu(h13: torch.Tensor) -> torch.Tensor:
     gate, up = h13.chunk(2, dim=-1)
     return F.silu(gate) * up
 
@@ -33,7 +33,7 @@ def loop_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: t
     outs, start = [], 0
     for e, n in enumerate(counts.tolist()):
         rows = x[start:start + n]
-        outs.append(_swiglu(rows @ w13[e]) @ w2[e])
+        outs.append(swiglu(rows @ w13[e]) @ w2[e])
         start += n
     if not outs:
         return x.new_zeros(0, w2.shape[-1])
@@ -57,7 +57,7 @@ def grouped_mm_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor,
     """All experts in two ``grouped_mm`` calls (one for gate+up, one for down)."""
     offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
     w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
-    h = _swiglu(F.grouped_mm(x, w13, offs=offs))
+    h = swiglu(F.grouped_mm(x, w13, offs=offs))
     return _ContiguousGrad.apply(F.grouped_mm(h, w2, offs=offs))
 
 
@@ -98,7 +98,7 @@ def megablocks_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor,
     gmm = _megablocks_gmm()
     batch_sizes = counts.to("cpu", torch.int64)
     w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
-    h = _swiglu(gmm(x, w13, batch_sizes))
+    h = swiglu(gmm(x, w13, batch_sizes))
     return gmm(h, w2, batch_sizes)
 
 
