@@ -29,14 +29,13 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from lightning_moe.callbacks.expert_load import gather_objects, layer_label, pipeline_group
 from lightning_moe.eplb import gpu_loads, rebalance_experts
 from lightning_moe.errors import ConfigError
 from lightning_moe.moe.balance import moe_layers
-from lightning_moe.parallel.expert_parallel import ExpertParallel, apply_expert_parallel
+from lightning_moe.parallel.expert_parallel import ExpertParallel
 from lightning_moe.parallel.redundant_experts import register_optimizer_layout_hooks
 
 
@@ -49,12 +48,10 @@ def _positive_int(value: Any, key: str, minimum: int) -> int:
 class ExpertRebalancer(Callback):
     """Redundant experts re-placed every ``every_n_steps`` optimizer steps from the load of the last window.
 
-    Needs expert parallelism (``strategy=moe strategy.ep=<P>`` with P > 1). With ``num_redundant > 0`` it gives
-    every MoE layer R = E + num_redundant expert slots before the strategy shards the model: in ``setup`` it wraps
-    the module's ``configure_model`` so that, right after the model is built, its routed experts become
-    ``ExpertParallel`` layers with the extra slots (the strategy's own expert parallelism then keeps them). There is
-    no Lightning hook between ``configure_model`` and the strategy's sharding, hence the wrapper; it is removed in
-    ``teardown``. Until the first plan the slots hold experts ``s % E`` (``default_placement``).
+    Needs expert parallelism (``strategy=moe strategy.ep=<P>`` with P > 1). With ``num_redundant > 0`` every MoE
+    layer gets R = E + num_redundant expert slots: ``setup`` (which Lightning runs before the model is built and
+    sharded) sets the strategy's ``num_redundant_experts``, and the strategy's expert parallelism creates the slots.
+    Until the first plan the slots hold experts ``s % E`` (``default_placement``).
 
     Logged at each plan, at that step, to every logger (W&B included): ``eplb/imbalance_before`` and
     ``eplb/imbalance_after`` (sum over layers of the busiest rank's tokens / sum of the mean rank's: the expert time
@@ -102,7 +99,6 @@ class ExpertRebalancer(Callback):
         self._last_step = -1
         self._restored: dict[str, Any] | None = None
         self._hooks: list[Any] = []
-        self._wrapped: pl.LightningModule | None = None
 
     # --- set-up -----------------------------------------------------------------------------------------------------
     @override
@@ -130,23 +126,12 @@ class ExpertRebalancer(Callback):
                               f"checkpoint {ckpt} is not supported with redundant experts; resume from a distributed "
                               "checkpoint (strategy.save_distributed_checkpoint=true), or resume this one without "
                               "callbacks.eplb (it holds the logical experts) and save a distributed one")
-        if not is_overridden("configure_model", pl_module):
-            apply_expert_parallel(pl_module, meshes.ep, self.num_redundant)  # the model already exists
-        elif "configure_model" not in vars(pl_module):
-            configure_model, num_redundant = pl_module.configure_model, self.num_redundant
-
-            def configure_model_with_slots() -> None:
-                configure_model()
-                apply_expert_parallel(pl_module, meshes.ep, num_redundant)
-
-            pl_module.configure_model = configure_model_with_slots
-            self._wrapped = pl_module
+        trainer.strategy.num_redundant_experts = self.num_redundant
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._wrapped is not None:
-            vars(self._wrapped).pop("configure_model", None)
-            self._wrapped = None
+        if stage == "fit" and hasattr(trainer.strategy, "num_redundant_experts"):
+            trainer.strategy.num_redundant_experts = 0
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

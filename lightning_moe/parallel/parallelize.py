@@ -59,8 +59,10 @@ def apply_node_limited_routing(model: nn.Module, ep: int, ep_groups: int, max_ep
 def parallelize(model: nn.Module, dims: ParallelDims, meshes: Meshes | None, *, param_dtype: torch.dtype | None = None,
                 reduce_dtype: torch.dtype = torch.float32, activation_checkpointing: bool = False,
                 compile: bool = False, ep_groups: int | None = None, max_ep_groups: int | None = None,
-                stages: list[nn.Module] | None = None) -> nn.Module:
+                stages: list[nn.Module] | None = None, num_redundant_experts: int = 0) -> nn.Module:
     """Shard ``model`` (a ``MoETransformer``, or the part of it that one pipeline rank holds) in place; return it.
+
+    ``num_redundant_experts``: extra expert slots per MoE layer for redundant experts (EPLB; needs ep > 1).
 
     ``stages``: under pipeline parallelism, the ``StageModule`` views of this rank over ``model``; they (not
     ``model``) become the FSDP roots, since the schedule calls them. Every rank must hold the same weights (or meta
@@ -73,7 +75,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, meshes: Meshes | None, *, 
         for moe in moe_layers:
             if moe.num_experts % dims.ep:
                 raise ConfigError(f"model.num_experts={moe.num_experts} must be divisible by strategy.ep={dims.ep}")
-        apply_expert_parallel(model, meshes.ep)
+        apply_expert_parallel(model, meshes.ep, num_redundant_experts)
         if dims.fsdp_enabled:
             # Each EP rank's expert gradient sums the tokens of the whole ep group; FSDP then averages over the
             # expert data-parallel mesh (dp / ep ranks). Scaling by 1 / ep makes that the mean over all dp ranks,

@@ -96,6 +96,9 @@ class MoEStrategy(ModelParallelStrategy):
         self.pipeline_stages_per_rank = pipeline_stages_per_rank
         self.pipeline_layers = tuple(pipeline_layers) if pipeline_layers is not None else None
         self.pipeline_overlap = pipeline_overlap
+        self.num_redundant_experts = 0
+        """Redundant expert slots per MoE layer (EPLB), set by ``ExpertRebalancer`` in its ``setup`` hook, which runs
+        before the model is built and sharded; ``parallelize`` creates them with the expert parallelism."""
         self.dims: ParallelDims | None = None
         self.meshes: Meshes | None = None
         self.plan: PipelinePlan | None = None
@@ -161,7 +164,8 @@ class MoEStrategy(ModelParallelStrategy):
             model.to(self.root_device)
         parallelize(model, self.dims, self.meshes, param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype,
                     activation_checkpointing=self.activation_checkpointing, compile=self.compile,
-                    ep_groups=self.ep_groups, max_ep_groups=self.max_ep_groups, stages=stages)
+                    ep_groups=self.ep_groups, max_ep_groups=self.max_ep_groups, stages=stages,
+                    num_redundant_experts=self.num_redundant_experts)
         if hasattr(module, "expert_load_group"):
             # The data-parallel ranks of this pipeline position (they hold the same layers); None: the whole world.
             module.expert_load_group = self.meshes.dp.get_group() if self.dims.dp > 1 or self.dims.pp > 1 else None
