@@ -14,6 +14,7 @@ own Triton grouped GEMMs with SwiGLU and its backward fused into their epilogues
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -53,8 +54,29 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+def _grouped_mm_supports(x: torch.Tensor) -> bool:
+    """torch's CUDA grouped GEMM takes bf16 operands only (torch 2.11: "Expected inputs of BF16 type"); on the CPU it
+    takes every floating dtype."""
+    return not x.is_cuda or x.dtype == torch.bfloat16
+
+
+_warned_loop_fallback = False
+
+
 def grouped_mm_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """All experts in two ``grouped_mm`` calls (one for gate+up, one for down)."""
+    """All experts in two ``grouped_mm`` calls (one for gate+up, one for down).
+
+    On a GPU with other than bf16 rows (an fp32 run, or fp16) it falls back to ``loop_experts``, with a warning: the
+    same results, much slower (a host synchronisation per layer).
+    """
+    if not _grouped_mm_supports(x):
+        global _warned_loop_fallback
+        if not _warned_loop_fallback:
+            _warned_loop_fallback = True
+            warnings.warn(f"model.expert_kernel=grouped_mm: torch's CUDA grouped GEMM takes bfloat16 only, so the "
+                          f"{x.dtype} experts run one matmul pair per expert (slow). Train in bf16 "
+                          "(strategy.param_dtype=bfloat16) for the grouped kernel.", stacklevel=2)
+        return loop_experts(x, counts, w13, w2)
     offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
     w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
     h = swiglu(F.grouped_mm(x, w13, offs=offs))

@@ -88,7 +88,9 @@ def parallelize(model: nn.Module, dims: ParallelDims, meshes: Meshes | None, *, 
     if compile:
         for block in transformer_blocks(model):
             block.compile()
-    if dims.fsdp_enabled:
+    # FSDP2 shards over dp > 1 ranks, and also carries the mixed-precision policy: with param_dtype set and one
+    # data-parallel rank it wraps the model on its mesh of one, so the compute dtype is the one asked for.
+    if dims.fsdp_enabled or param_dtype is not None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: PLC0415
 
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)

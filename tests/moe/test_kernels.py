@@ -99,3 +99,18 @@ def test_gpu_kernels_match_loop_in_bf16(seed, name):
     assert rel_err(out, ref) < 1e-2  # bf16 has 8 mantissa bits: about 4e-3 relative per rounding
     for a, b in zip(grads, ref_grads):
         assert rel_err(a, b) < 2e-2
+
+
+@cuda
+def test_gpu_grouped_mm_fp32_falls_back_to_the_loop(seed, monkeypatch):
+    """torch's CUDA grouped GEMM refuses fp32; the kernel warns once and gives the loop's results."""
+    from lightning_moe.moe import kernels
+
+    monkeypatch.setattr(kernels, "_warned_loop_fallback", False)
+    counts = torch.tensor([5, 0, 9, 2], device="cuda")
+    x = torch.randn(int(counts.sum()), 32, device="cuda", requires_grad=True)
+    w13 = torch.randn(4, 32, 48, device="cuda", requires_grad=True)
+    w2 = torch.randn(4, 24, 32, device="cuda", requires_grad=True)
+    with pytest.warns(UserWarning, match="bfloat16 only"):
+        out = kernels.grouped_mm_experts(x, counts, w13, w2)
+    torch.testing.assert_close(out, loop_experts(x, counts, w13, w2))

@@ -159,3 +159,27 @@ def _mtp_worker(rank: int, world_size: int, seed: int) -> None:
 
 def test_mtp_modules_are_parallelized_too(seed):
     run_workers(_mtp_worker, 2, seed)
+
+
+def _one_rank_mixed_precision_worker(rank: int, world_size: int, seed: int) -> None:
+    torch.manual_seed(seed)
+    ref = MoETransformer(_cfg())
+    dims = ParallelDims(world_size=1)
+    meshes = dims.build_meshes("cpu")
+    plain = parallelize(copy.deepcopy(ref), dims, meshes)
+    assert not any(isinstance(p, DTensor) for p in plain.parameters()), "no param_dtype, one rank: nothing to do"
+    model = parallelize(copy.deepcopy(ref), dims, meshes, param_dtype=torch.bfloat16)
+    assert all(isinstance(p, DTensor) and p.dtype == torch.float32 for p in model.parameters()), "fp32 master weights"
+    seen = []
+    model.layers["0"].attention.wq.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, out.dtype)))
+    tokens = torch.randint(0, 64, (2, 16))
+    logits = model(tokens)
+    assert seen == [(torch.bfloat16, torch.bfloat16)], seen
+    want = ref(tokens)
+    assert ((logits.float() - want).norm() / want.norm()).item() < 3e-2  # bf16 compute
+
+
+def test_param_dtype_applies_with_one_data_parallel_rank(seed):
+    """strategy.param_dtype on one device (dp = 1) used to be ignored silently: FSDP2, which carries the
+    mixed-precision policy, was applied only for dp > 1."""
+    run_workers(_one_rank_mixed_precision_worker, 1, seed)
