@@ -37,10 +37,12 @@ def _worker(rank: int, world_size: int, seed: int) -> None:
         world_size)
     module.training_step(shares[rank], 0)
     per_rank = [_local_values(ref, share) for share in shares]
-    for name, value in per_rank[0].items():
+    for name in per_rank[0]:
         mean = sum(r[name] for r in per_rank) / world_size
         assert logged[name] == pytest.approx(mean, rel=1e-5, abs=1e-7), (name, logged[name], mean)
-        assert abs(per_rank[1][name] - value) > 1e-6, f"{name}: the ranks' values should differ"
+    # the two random batches give values far more different than that tolerance, so a rank's own values fail it
+    spread = max(abs(per_rank[1][n] - per_rank[0][n]) / abs(per_rank[0][n]) for n in per_rank[0])
+    assert spread > 1e-3, spread
 
 
 def test_training_scalars_are_means_over_ranks(seed):
