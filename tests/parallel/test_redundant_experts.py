@@ -218,6 +218,10 @@ def _check_checkpoint(rank: int, base_seed: int, mesh, path: str) -> None:
     register_optimizer_layout_hooks(opt, saved)
     saved(torch.randn(2, 5, 32)).square().mean().backward()
     opt.step()
+    with torch.no_grad():  # what data parallelism does: the dense weights (router, shared expert) stay equal on
+        for p in saved.parameters():  # every rank. Without it AdamW's first step (lr * sign(grad)) can move an
+            if not isinstance(p, DTensor):  # element with a near-zero gradient by +lr on one rank and -lr on the
+                dist.broadcast(p, src=0)  # other, and the checkpoint holds one rank's copy of it.
     msd = get_model_state_dict(saved)
     assert msd["experts.w13"].shape == (E, 32, 32), "the checkpoint is in the logical layout"
     osd = get_optimizer_state_dict(saved, opt)
