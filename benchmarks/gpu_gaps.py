@@ -50,9 +50,8 @@ def gap_report(events: list[dict], steps: int = 1, top: int = 12, min_gap_us: fl
 
     def enclosing_op(ts: float, tid) -> str:
         """The innermost CPU operator on thread ``tid`` running at ``ts``."""
-        best = None
-        for i in range(bisect.bisect_right(cpu_starts, ts) - 1, max(-1, bisect.bisect_right(cpu_starts, ts) - 400),
-                       -1):
+        best, last = None, bisect.bisect_right(cpu_starts, ts) - 1  # the last operator starting before ts
+        for i in range(last, max(-1, last - 400), -1):  # its 400 predecessors: enough nesting for any launch
             e = cpu_ops[i]
             if e.get("tid") == tid and e["ts"] <= ts <= e["ts"] + e["dur"]:
                 if best is None or e["dur"] < best["dur"]:

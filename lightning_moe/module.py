@@ -193,12 +193,12 @@ class MoELanguageModel(pl.LightningModule):
         return self.model(batch[:, :-1], labels=batch[:, 1:])
 
     @staticmethod
-    def _mtp_metrics(losses: list[torch.Tensor], stage: str, metrics: dict) -> torch.Tensor:
+    def _mtp_metrics(losses: list[torch.Tensor], stage: str, metrics: dict[str, torch.Tensor]) -> torch.Tensor:
         """Adds ``{stage}/mtp_loss_{k}`` (per depth) and ``{stage}/mtp_loss`` (their unweighted mean) to ``metrics``;
         returns the mean."""
         for k, value in enumerate(losses, start=1):
             metrics[f"{stage}/mtp_loss_{k}"] = value
-        mean = torch.stack(list(losses)).mean()
+        mean = torch.stack(losses).mean()
         metrics[f"{stage}/mtp_loss"] = mean
         return mean
 

@@ -303,6 +303,8 @@ WGRAD = "auto"
 
 
 def _wgrad_backend(device: torch.device) -> str:
+    if WGRAD not in ("auto", "grouped_mm", "triton"):
+        raise ValueError(f"triton_grouped.WGRAD={WGRAD!r}: must be 'auto', 'grouped_mm' or 'triton'")
     if WGRAD != "auto":
         return WGRAD
     ok = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
