@@ -174,7 +174,7 @@ def measure(cfg: ModelConfig, args, device: torch.device, dtype: torch.dtype, to
     times["comm"] = [_timed(comm_only, sync) for _ in range(args.reps)]
 
     medians = torch.tensor([statistics.median(times[k]) for k in ("fwd", "bwd", "seq", "ovl", "comm")],
-                           dtype=torch.float64)
+                           dtype=torch.float64, device=device)
     dist.all_reduce(medians, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
     t_fwd, t_bwd, t_seq, t_ovl, t_comm = (1e3 * v for v in medians.tolist())
     return dict(tokens=batch * args.seq, ac=checkpointing, fwd=t_fwd, bwd=t_bwd, seq=t_seq, ovl=t_ovl, comm=t_comm,

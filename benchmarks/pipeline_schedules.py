@@ -49,6 +49,7 @@ from lightning_moe.pipeline.split import SCHEDULES  # noqa: E402
 
 PP = 2
 COSTS = {"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0}  # per layer of the stage
+UNSPLIT_COSTS = {**COSTS, "I": 2.0, "W": 0.0}  # the whole backward in the I slot (``PipelineRunner.split_backward``)
 
 
 def model_config(args) -> ModelConfig:
@@ -91,7 +92,8 @@ def single_stage_order(schedule: str, pp: int, m: int) -> dict[int, list[tuple[s
     return order
 
 
-def theoretical_bubble(queues: dict[int, list[tuple[str, int, int]]], layer_ranges: list[range]) -> float:
+def theoretical_bubble(queues: dict[int, list[tuple[str, int, int]]], layer_ranges: list[range],
+                       costs: dict[str, float] = COSTS) -> float:
     """Mean over ranks of 1 - busy / makespan for the compute actions ``queues`` (rank -> (kind, stage, mb))."""
     last = len(layer_ranges) - 1
     done: dict[tuple[str, int, int], float] = {}  # (kind, stage, microbatch) -> finish time
@@ -116,7 +118,7 @@ def theoretical_bubble(queues: dict[int, list[tuple[str, int, int]]], layer_rang
                 if any(d not in done for d in need):
                     break
                 kind, s, m = a
-                cost = COSTS[kind] * len(layer_ranges[s])
+                cost = costs[kind] * len(layer_ranges[s])
                 end = max([free[r]] + [done[d] for d in need]) + cost
                 free[r], busy[r] = end, busy[r] + cost
                 done[a] = end
@@ -215,7 +217,8 @@ def measure(schedule: str, microbatches: int, cfg: ModelConfig, args, device: to
         order = single_stage_order(schedule, PP, microbatches)
     else:
         order = {r: _compute_actions(acts) for r, acts in sched.pipeline_order.items()}
-    theory = theoretical_bubble(order, plan.layer_ranges)
+    split = runner.split_backward
+    theory = theoretical_bubble(order, plan.layer_ranges, COSTS if split else UNSPLIT_COSTS)
     del runner, sched, stages, model, timer
     gc.collect()
     if device.type == "cuda":
@@ -223,7 +226,8 @@ def measure(schedule: str, microbatches: int, cfg: ModelConfig, args, device: to
     return dict(schedule=schedule, torch_name=plan.spec.torch_name, stages=plan.num_stages, m=microbatches,
                 step=1e3 * step.median().item(), bubble_mean=bubbles.mean(dim=1).median().item(),
                 bubble_max=bubbles.max(dim=1).values.median().item(), theory=theory,
-                tokens_s=batch * args.seq / step.median().item())
+                tokens_s=batch * args.seq / step.median().item(),
+                backward=("I + W" if split else "whole, in I") if schedule in ("dualpipe", "zbv") else "whole")
 
 
 def table(rows: list[dict], cfg: ModelConfig, args, device: torch.device, dtype: torch.dtype) -> str:
@@ -234,13 +238,15 @@ def table(rows: list[dict], cfg: ModelConfig, args, device: torch.device, dtype:
             f"vocab {cfg.vocab_size}; sequence {args.seq}, {args.mb_size} sequence(s) per microbatch. "
             f"Median of {args.steps} steps after {args.warmup} warm-ups. Step: slowest rank, ms. Bubbles: "
             "measured = 1 - stage compute time / step (mean and max over ranks); theoretical = replay of the "
-            "schedule's action list with unit costs (F=1, B=2, I=W=1 per layer, free communication).")
+            "schedule's action list with unit costs (F=1, B=2, I=W=1 per layer, or I=2 and W=0 where the backward runs "
+            "whole in the I slot; free communication).")
     lines = [head, "",
-             "| schedule | stages | microbatches | step (ms) | tokens/s | measured bubble, mean | "
+             "| schedule | backward | stages | microbatches | step (ms) | tokens/s | measured bubble, mean | "
              "measured bubble, max | theoretical bubble |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r['schedule']} ({r['torch_name']}) | {r['stages']} | {r['m']} | {r['step']:.1f} | "
+        lines.append(f"| {r['schedule']} ({r['torch_name']}) | {r['backward']} | {r['stages']} | {r['m']} | "
+                     f"{r['step']:.1f} | "
                      f"{r['tokens_s']:.0f} | {r['bubble_mean']:.1%} | {r['bubble_max']:.1%} | {r['theory']:.1%} |")
     return "\n".join(lines)
 

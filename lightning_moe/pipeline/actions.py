@@ -5,10 +5,19 @@ into an input-gradient action (I) and a later weight-gradient action (W). torch 
 ``submod.parameters()``, which under FSDP2 are the sharded parameters, not the unsharded ones the graph used, so
 the split gives wrong weight gradients with data-parallel sharding (``tests/pipeline`` shows it). The schedule's
 order is kept; only the weight-gradient work moves from W to I.
+
+``split_backward_supported``: whether this torch can run W at all for our model. W starts ``autograd.grad`` at the
+nodes where a weight joins the activations, and where that node is a custom ``autograd.Function`` (the router's
+16-bit GEMM, the Triton expert kernel) torch 2.11 fails ("Attribute '_input_metadata' is invalid for this instance
+of _C._FunctionBase"); torch 2.13 supports it. Without it, the runner uses the unsplit backward above.
 """
 
 from __future__ import annotations
 
+import functools
+
+import torch
+from torch.autograd.graph import GradientEdge
 from torch.distributed.pipelining.schedules import (
     BACKWARD_INPUT,
     BACKWARD_WEIGHT,
@@ -17,7 +26,7 @@ from torch.distributed.pipelining.schedules import (
     _wait_batch_p2p,
 )
 
-__all__ = ["full_backward_in_input_slot", "register_unsplit_backward", "skip_weight"]
+__all__ = ["full_backward_in_input_slot", "register_unsplit_backward", "skip_weight", "split_backward_supported"]
 
 
 def full_backward_in_input_slot(action: _Action, ctx: _PipelineContext) -> None:
@@ -40,3 +49,25 @@ def skip_weight(action: _Action, ctx: _PipelineContext) -> None:
 def register_unsplit_backward(schedule) -> None:
     schedule.register_custom_function(BACKWARD_INPUT, full_backward_in_input_slot)
     schedule.register_custom_function(BACKWARD_WEIGHT, skip_weight)
+
+
+class _Scale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x * w
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, grad
+
+
+@functools.cache
+def split_backward_supported() -> bool:
+    """Whether ``autograd.grad`` can start at a custom ``autograd.Function``'s node, as a split backward's W does."""
+    x, w = torch.ones(1, requires_grad=True), torch.ones(1, requires_grad=True)
+    y = _Scale.apply(x.view_as(x), w)
+    try:
+        torch.autograd.grad([GradientEdge(y.grad_fn, 0)], [w], grad_outputs=[torch.ones(1)])
+    except RuntimeError:
+        return False
+    return True

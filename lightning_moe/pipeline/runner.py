@@ -11,6 +11,7 @@ before it), so the gradients equal those of the mean loss over the whole batch.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from lightning_moe.models.config import ModelConfig
 from lightning_moe.models.mtp import mtp_losses
 from lightning_moe.moe.layer import MoE
 from lightning_moe.parallel.expert_parallel import ExpertParallel
-from lightning_moe.pipeline.actions import register_unsplit_backward
+from lightning_moe.pipeline.actions import register_unsplit_backward, split_backward_supported
 from lightning_moe.pipeline.forward_only import ForwardOnlySchedule
 from lightning_moe.pipeline.overlap import enable_overlap
 from lightning_moe.pipeline.split import PipelinePlan
@@ -55,6 +56,13 @@ class PipelineRunner:
         self._moe_layers = [m for stage in stage_modules for m in stage.modules() if isinstance(m, MoE)]
         self._schedules: dict[tuple[int, int, bool], Any] = {}
         self._fsdp = any(isinstance(m, FSDPModule) for m in stage_modules)
+        # zero-bubble schedules split each backward into input (I) and weight (W) gradients; the split needs no FSDP
+        # and a torch that can start W at a custom autograd Function (``pipeline.actions``)
+        self.split_backward = not self._fsdp and split_backward_supported()
+        if not self._fsdp and not self.split_backward and plan.schedule in ("dualpipe", "zbv"):
+            warnings.warn(f"torch {torch.__version__} cannot split the backward at custom autograd Functions "
+                          "(torch >= 2.13 can): each backward runs whole in its input-gradient slot of the "
+                          f"{plan.spec.torch_name} schedule", stacklevel=2)
         self.overlap = overlap
         self._expert_parallel = any(isinstance(m.experts, ExpertParallel) and m.experts.ep_size > 1
                                     for m in self._moe_layers)
@@ -93,7 +101,7 @@ class PipelineRunner:
                                scale_grads=False)
             except ValueError as err:  # torch's own checks of the microbatches / stages
                 raise ConfigError(f"strategy.pipeline_schedule={self.plan.schedule}: {err}") from err
-            if hasattr(schedule, "register_custom_function") and self._fsdp:
+            if hasattr(schedule, "register_custom_function") and not self.split_backward:
                 register_unsplit_backward(schedule)
             if self.overlap and self._expert_parallel and self.plan.schedule == "dualpipe":
                 enable_overlap(schedule)  # EP dispatch/combine of one microbatch hides behind another's compute
@@ -113,6 +121,9 @@ class PipelineRunner:
 
     def step(self, tokens: torch.Tensor, targets: torch.Tensor, train: bool = True) -> torch.Tensor:
         """tokens, targets: [B, S] (B divisible by the microbatches) -> [1 + mtp_depth] losses."""
+        # torch (2.11) checks each microbatch against the contiguous example its stages were built with, strides
+        # included, and a batch sliced as batch[:, :-1] has row stride S + 1
+        tokens, targets = tokens.contiguous(), targets.contiguous()
         schedule = self.schedule(*tokens.shape, train=train)
         kwargs = {"labels": targets} if self.mtp_depth else {}
         self._parts.clear()

@@ -127,6 +127,14 @@ def _pipeline_worker(rank: int, world_size: int, seed: int, schedule: str, sizes
     g = torch.Generator().manual_seed(seed + 1)
     batch = torch.randint(0, 64, (per_rank * dims.dp, 13), generator=g)
     local_batch = batch[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+    schedule = runner.schedule(per_rank, 12)
+    step = schedule.step
+
+    def contiguous_step(*args, **kwargs):  # torch 2.11 refuses microbatches whose strides differ from its example
+        assert all(t.is_contiguous() for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor))
+        return step(*args, **kwargs)
+
+    schedule.step = contiguous_step
     parts = runner.step(local_batch[:, :-1], local_batch[:, 1:])
     torch.distributed.all_reduce(parts, group=meshes.dp.get_group())
     parts /= dims.dp
@@ -161,6 +169,37 @@ def _pipeline_worker(rank: int, world_size: int, seed: int, schedule: str, sizes
 @pytest.mark.parametrize("schedule", ["dualpipe", "1f1b", "zbv", "interleaved_1f1b"])
 def test_pp2_matches_one_process(schedule, seed):
     run_workers(_pipeline_worker, 2, seed, schedule, {"pp": 2, "dp_shard": 1}, 0, 4)
+
+
+def _unsplit_backward_worker(rank: int, world_size: int, seed: int, schedule: str) -> None:
+    """A torch that cannot split the backward at custom autograd Functions (torch 2.11): the zero-bubble schedules
+    run each backward whole in its I slot (W actions skipped) and still match one process."""
+    from lightning_moe.pipeline import actions, runner
+
+    skipped = []
+    skip_weight = actions.skip_weight
+
+    def counting_skip(action, ctx):
+        skipped.append(action)
+        skip_weight(action, ctx)
+
+    runner.split_backward_supported = lambda: False
+    actions.skip_weight = counting_skip
+    with pytest.warns(UserWarning, match="cannot split the backward"):
+        _pipeline_worker(rank, world_size, seed, schedule, {"pp": 2, "dp_shard": 1}, 0, 4)
+    assert skipped, "the schedule's W actions ran our skip"
+
+
+@pytest.mark.parametrize("schedule", ["dualpipe", "zbv"])
+def test_pp2_without_a_split_backward_matches_one_process(schedule, seed):
+    run_workers(_unsplit_backward_worker, 2, seed, schedule)
+
+
+def test_this_torch_splits_the_backward_at_custom_functions():
+    from lightning_moe.pipeline.actions import split_backward_supported
+
+    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
+    assert split_backward_supported() == ((major, minor) >= (2, 13)) or (major, minor) == (2, 12)
 
 
 @pytest.mark.parametrize("schedule", ["dualpipe", "1f1b"])
