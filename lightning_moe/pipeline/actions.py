@@ -7,9 +7,10 @@ the split gives wrong weight gradients with data-parallel sharding (``tests/pipe
 order is kept; only the weight-gradient work moves from W to I.
 
 ``split_backward_supported``: whether this torch can run W at all for our model. W starts ``autograd.grad`` at the
-nodes where a weight joins the activations, and where that node is a custom ``autograd.Function`` (the router's
-16-bit GEMM, the Triton expert kernel) torch 2.11 fails ("Attribute '_input_metadata' is invalid for this instance
-of _C._FunctionBase"); torch 2.13 supports it. Without it, the runner uses the unsplit backward above.
+nodes where a weight joins the activations, after the stage has dropped its outputs. Where such a node is a custom
+``autograd.Function`` (the router's 16-bit GEMM, the Triton expert kernel), torch 2.11 keeps only the Python side of
+the node alive and fails ("Attribute '_input_metadata' is invalid for this instance of _C._FunctionBase"); torch
+2.13 keeps the node. Without it, the runner uses the unsplit backward above.
 """
 
 from __future__ import annotations
@@ -65,9 +66,9 @@ class _Scale(torch.autograd.Function):
 def split_backward_supported() -> bool:
     """Whether ``autograd.grad`` can start at a custom ``autograd.Function``'s node, as a split backward's W does."""
     x, w = torch.ones(1, requires_grad=True), torch.ones(1, requires_grad=True)
-    y = _Scale.apply(x.view_as(x), w)
+    node = _Scale.apply(x.view_as(x), w).grad_fn  # the output is dropped, as the stage drops its outputs before W
     try:
-        torch.autograd.grad([GradientEdge(y.grad_fn, 0)], [w], grad_outputs=[torch.ones(1)])
+        torch.autograd.grad([GradientEdge(node, 0)], [w], grad_outputs=[torch.ones(1)])
     except RuntimeError:
         return False
     return True

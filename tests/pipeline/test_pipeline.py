@@ -199,7 +199,8 @@ def test_this_torch_splits_the_backward_at_custom_functions():
     from lightning_moe.pipeline.actions import split_backward_supported
 
     major, minor = (int(v) for v in torch.__version__.split(".")[:2])
-    assert split_backward_supported() == ((major, minor) >= (2, 13)) or (major, minor) == (2, 12)
+    if (major, minor) != (2, 12):  # not checked on 2.12
+        assert split_backward_supported() == ((major, minor) >= (2, 13))
 
 
 @pytest.mark.parametrize("schedule", ["dualpipe", "1f1b"])
