@@ -14,7 +14,9 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_to_all_counts", "all_to_all_rows", "all_to_all_split_sizes", "set_comm_hook"]
+from lightning_moe.parallel.recompute import replay_or_exchange
+
+__all__ = ["all_to_all_counts", "all_to_all_rows", "all_to_all_split_sizes", "exchange_split_sizes", "set_comm_hook"]
 
 _comm_hook: Callable[[str], None] | None = None
 
@@ -49,6 +51,13 @@ def all_to_all_counts(counts: torch.Tensor, group: dist.ProcessGroup) -> torch.T
 
 def all_to_all_split_sizes(counts: torch.Tensor, group: dist.ProcessGroup) -> tuple[torch.Tensor, list[int],
                                                                                         list[int]]:
+    """The count exchange and the host split sizes of the row all-to-alls (``exchange_split_sizes``); in the
+    recomputation of a checkpointed block, the forward's result instead (``lightning_moe.parallel.recompute``)."""
+    return replay_or_exchange(counts, lambda: exchange_split_sizes(counts, group))
+
+
+def exchange_split_sizes(counts: torch.Tensor, group: dist.ProcessGroup) -> tuple[torch.Tensor, list[int],
+                                                                                   list[int]]:
     """The count exchange and the host split sizes of the row all-to-alls, with a host synchronisation that waits
     only for this rank's own queued work (so that the pipeline overlap keeps the other lane's kernels queued).
 

@@ -14,10 +14,16 @@ from lightning_moe.errors import ConfigError
 from lightning_moe.moe.layer import MoE
 from lightning_moe.parallel.dims import Meshes, ParallelDims
 from lightning_moe.parallel.expert_parallel import apply_expert_parallel
+from lightning_moe.parallel.recompute import checkpoint_contexts
 
 
 def _checkpointed_forward(forward, *args, **kwargs):
     return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def _checkpointed_forward_reusing_split_sizes(forward, *args, **kwargs):
+    # the recomputation reuses the forward's expert-parallel split sizes (no count exchange, no host sync)
+    return checkpoint(forward, *args, use_reentrant=False, context_fn=checkpoint_contexts, **kwargs)
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
@@ -29,10 +35,16 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each transformer block in backward. Wraps ``forward`` in place, so parameter names don't change."""
+def apply_activation_checkpointing(model: nn.Module, reuse_split_sizes: bool = True) -> None:
+    """Recompute each transformer block in backward. Wraps ``forward`` in place, so parameter names don't change.
+
+    ``reuse_split_sizes``: the recomputation takes the expert-parallel split sizes from the forward
+    (``parallel.recompute``) instead of exchanging counts again. Not for blocks that will be compiled: under
+    ``torch.compile`` a checkpoint accepts only dispatch modes as its contexts.
+    """
+    wrapper = _checkpointed_forward_reusing_split_sizes if reuse_split_sizes else _checkpointed_forward
     for block in transformer_blocks(model):
-        block.forward = functools.partial(_checkpointed_forward, block.forward)
+        block.forward = functools.partial(wrapper, block.forward)
 
 
 def apply_node_limited_routing(model: nn.Module, ep: int, ep_groups: int, max_ep_groups: int) -> None:
@@ -84,7 +96,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, meshes: Meshes | None, *, 
             for moe in moe_layers:
                 moe.experts.weight_grad_scale = 1.0 / dims.ep
     if activation_checkpointing:
-        apply_activation_checkpointing(model)
+        apply_activation_checkpointing(model, reuse_split_sizes=not compile)
     if compile:
         for block in transformer_blocks(model):
             block.compile()

@@ -13,8 +13,9 @@ The runner (``run_overlapped``)
     the sequence of communication points in each lane (the model's structure), never on timing: the lanes strictly
     alternate, one segment between communication points at a time, starting with the forward. Both lanes may have
     any number of communication points; activation checkpointing adds the recomputed forward's collectives
-    (counts, dispatch, combine) to the backward lane, and the alternation absorbs them. (A scheme that pairs fixed
-    sync points of the forward with fixed sync points of the backward breaks there.)
+    (dispatch, combine; the counts are the forward's, see ``parallel.recompute``) to the backward lane, and the
+    alternation absorbs them. (A scheme that pairs fixed sync points of the forward with fixed sync points of the
+    backward breaks there.)
 
     Which lane a hook call belongs to: the forward lane is the calling thread; a call from any other thread is the
     backward lane. On CPU the autograd engine runs the backward on the thread that called it (the helper); on CUDA
