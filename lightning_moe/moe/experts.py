@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from lightning_moe.moe.kernels import get_kernel
 
@@ -57,7 +58,7 @@ class RoutedExperts(nn.Module):
     def local_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The weights of the experts held by this process (plain tensors even when sharded as DTensors)."""
         w13, w2 = self.w13, self.w2
-        if hasattr(w13, "to_local"):
+        if isinstance(w13, DTensor):  # (torch.compile traces isinstance, not hasattr of a tensor subclass's method)
             w13, w2 = w13.to_local(), w2.to_local()
         return w13, w2
 

@@ -55,9 +55,10 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 def _grouped_mm_supports(x: torch.Tensor) -> bool:
-    """torch's CUDA grouped GEMM takes bf16 operands only (torch 2.11: "Expected inputs of BF16 type"); on the CPU it
-    takes every floating dtype."""
-    return not x.is_cuda or x.dtype == torch.bfloat16
+    """torch's CUDA grouped GEMM takes bf16 operands only (torch 2.11: "Expected inputs of BF16 type"), and so does
+    its shape function under torch.compile (torch 2.13) whatever the device; the eager CPU one takes every floating
+    dtype."""
+    return x.dtype == torch.bfloat16 or not (x.is_cuda or torch.compiler.is_compiling())
 
 
 _warned_loop_fallback = False
@@ -66,14 +67,15 @@ _warned_loop_fallback = False
 def grouped_mm_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """All experts in two ``grouped_mm`` calls (one for gate+up, one for down).
 
-    On a GPU with other than bf16 rows (an fp32 run, or fp16) it falls back to ``loop_experts``, with a warning: the
-    same results, much slower (a host synchronisation per layer).
+    On a GPU or under torch.compile with other than bf16 rows (an fp32 run, or fp16) it falls back to
+    ``loop_experts``, with a warning: the same results, much slower (a host synchronisation per layer).
     """
     if not _grouped_mm_supports(x):
         global _warned_loop_fallback
         if not _warned_loop_fallback:
             _warned_loop_fallback = True
-            warnings.warn(f"model.expert_kernel=grouped_mm: torch's CUDA grouped GEMM takes bfloat16 only, so the "
+            warnings.warn(f"model.expert_kernel=grouped_mm: torch's grouped GEMM takes bfloat16 only on GPUs and "
+                          f"under torch.compile, so the "
                           f"{x.dtype} experts run one matmul pair per expert (slow). Train in bf16 "
                           "(strategy.param_dtype=bfloat16) for the grouped kernel.", stacklevel=2)
         return loop_experts(x, counts, w13, w2)

@@ -44,6 +44,21 @@ def test_grouped_mm_backward_takes_expanded_gradients(seed):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_grouped_mm_fp32_falls_back_to_the_loop(seed, monkeypatch):
+    """Under torch.compile torch's grouped GEMM wants bf16 on the CPU too: fp32 rows take the loop, with a warning."""
+    from lightning_moe.moe import kernels
+
+    monkeypatch.setattr(kernels, "_warned_loop_fallback", False)
+    torch._dynamo.reset()
+    x, counts, w13, w2 = _inputs()
+    with pytest.warns(UserWarning, match="bfloat16 only"):
+        out, grads, g = _run(torch.compile(grouped_mm_experts, backend="eager"), x, counts, w13, w2)
+    ref = loop_experts(x, counts, w13, w2)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, torch.autograd.grad(ref, (x, w13, w2), g), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_loop_matches_per_token_math(seed):
     x, counts, w13, w2 = _inputs(num_experts=3, tokens=9)
     out = loop_experts(x, counts, w13, w2)

@@ -1,6 +1,7 @@
 """HSDP x EP training steps on gloo ranks give the same losses, gradients and weights as one process."""
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -32,12 +33,16 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 def _worker(rank: int, world_size: int, seed: int, sizes: dict) -> None:
+    sizes = dict(sizes)
+    options = {k: sizes.pop(k) for k in ("compile", "activation_checkpointing") if k in sizes}
+    if options.get("compile"):  # AOTAutograd without Inductor's C++ build: the same tracing, seconds not minutes
+        torch.nn.Module.compile = functools.partialmethod(torch.nn.Module.compile, backend="aot_eager")
     torch.manual_seed(seed)
     ref = MoETransformer(_cfg())
     model = copy.deepcopy(ref)
     dims = ParallelDims(**sizes, world_size=world_size)
     meshes = dims.build_meshes("cpu")
-    parallelize(model, dims, meshes)
+    parallelize(model, dims, meshes, **options)
     dp_group, dp_rank = meshes.dp.get_group(), meshes.dp.get_local_rank()
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -84,6 +89,7 @@ def _worker(rank: int, world_size: int, seed: int, sizes: dict) -> None:
     [
         (2, dict(dp_shard=2)),
         (2, dict(dp_shard=2, ep=2)),
+        (2, dict(dp_shard=2, ep=2, compile=True, activation_checkpointing=True)),
         (2, dict(dp_replicate=2, dp_shard=1)),
         (4, dict(dp_replicate=2, dp_shard=2, ep=2)),
         (4, dict(dp_shard=4, ep=2)),
