@@ -120,6 +120,12 @@ def parallelize(model: nn.Module, dims: ParallelDims, meshes: Meshes | None, *, 
         embedding_users = [s for s in stages if s.tok_embeddings is not None or s.mtp_embeddings is not None]
         if len(embedding_users) > 1:  # first and last stage on one rank, both using the embedding (MTP)
             fully_shard(model.tok_embeddings, mesh=dense_mesh, mp_policy=mp)
+            # FSDP2 initialises the states under a root when the root first runs forward and refuses a state that
+            # another root already initialised: the last stage calls the embedding unit without holding it as a
+            # submodule (the first stage, which always runs forward first, holds it)
+            for stage in embedding_users:
+                if stage.mtp_embeddings is not None:
+                    stage.hold_mtp_embeddings_unregistered()
         for stage in stages:
             fully_shard(stage, mesh=dense_mesh, mp_policy=mp)
     return model

@@ -39,6 +39,12 @@ class StageModule(nn.Module):
         # (gradients summed with the first stage's after each step).
         self.mtp_embeddings = model.tok_embeddings if self.is_last and model.mtp is not None else None
 
+    def hold_mtp_embeddings_unregistered(self) -> None:
+        """Keep using ``mtp_embeddings`` but drop it from this module's children (parameters, state dict, FSDP
+        root traversal), for an embedding that another stage on this rank holds."""
+        embeddings = self._modules.pop("mtp_embeddings")
+        object.__setattr__(self, "mtp_embeddings", embeddings)
+
     def extra_repr(self) -> str:
         return f"stage={self.index}/{self.num_stages}, layers={list(self.layers)}"
 

@@ -107,6 +107,8 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 def _pipeline_worker(rank: int, world_size: int, seed: int, schedule: str, sizes: dict, mtp_depth: int,
                      n_layers: int) -> None:
+    sizes = dict(sizes)
+    param_dtype = sizes.pop("param_dtype", None)  # fp32: FSDP2 on a mesh of one, as param_dtype makes it
     torch.manual_seed(seed)
     cfg = _cfg(n_layers, mtp_depth)
     ref = MoETransformer(cfg)
@@ -117,7 +119,7 @@ def _pipeline_worker(rank: int, world_size: int, seed: int, schedule: str, sizes
     local = plan.stages_of_rank(meshes.pp.get_local_rank())
     keep_stages(model, local, plan.layer_ranges)
     stages = [StageModule(model, s, plan.num_stages, plan.layer_ranges[s]) for s in local]
-    parallelize(model, dims, meshes, stages=stages)
+    parallelize(model, dims, meshes, stages=stages, param_dtype=param_dtype)
     tie = meshes.pp.get_group() if mtp_depth and plan.spec.style == "loop" else None
     runner = PipelineRunner(plan, stages, meshes.pp.get_group(), torch.device("cpu"), cfg,
                             tie_group=tie)
@@ -206,6 +208,11 @@ def test_this_torch_splits_the_backward_at_custom_functions():
 @pytest.mark.parametrize("schedule", ["dualpipe", "1f1b"])
 def test_pp2_with_mtp_matches_one_process(schedule, seed):
     run_workers(_pipeline_worker, 2, seed, schedule, {"pp": 2, "dp_shard": 1}, 1, 4)
+
+
+def test_dualpipe_with_mtp_under_fsdp_matches_one_process(seed):
+    # rank 0 runs the first and the last stage, which share the embedding, each stage an FSDP root
+    run_workers(_pipeline_worker, 2, seed, "dualpipe", {"pp": 2, "dp_shard": 1, "param_dtype": torch.float32}, 1, 4)
 
 
 @pytest.mark.slow
