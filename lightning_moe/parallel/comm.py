@@ -72,7 +72,8 @@ def exchange_split_sizes(counts: torch.Tensor, group: dist.ProcessGroup) -> tupl
     Pass a process group of its own (same ranks) to keep the tiny exchange from queueing behind the other lane's
     token all-to-all on the shared NCCL stream. (The CUDA path is tested on one GPU, an NCCL group of one rank, in
     tests/parallel/test_comm_gpu.py, where send and receive splits coincide; the split sums, shared with the CPU path,
-    are tested with uneven splits on CPU; not yet run on several GPUs.)
+    are tested with uneven splits on CPU; on two GPUs it runs in the ep=2 training test of tests/test_gpu_training.py
+    and in benchmarks/pipeline_overlap.py.)
     """
     ep = dist.get_world_size(group)
     recv_counts = torch.empty_like(counts)
