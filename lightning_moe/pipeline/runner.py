@@ -32,7 +32,20 @@ from lightning_moe.pipeline.overlap import enable_overlap
 from lightning_moe.pipeline.split import PipelinePlan
 from lightning_moe.pipeline.stage import StageModule
 
-__all__ = ["PipelineRunner"]
+__all__ = ["PipelineRunner", "skip_handshakes_with_self"]
+
+
+def skip_handshakes_with_self(stage: PipelineStage) -> None:
+    """Before its first step a schedule exchanges a dummy tensor between neighbouring stages, to set up the
+    communicators. torch 2.11 does this also between neighbours on one rank (V schedules: stages 1 and 2 at pp = 2),
+    a send to itself, which gloo refuses ("Pair is not connected"); torch 2.13 skips them. Skip them here."""
+    init_ops = stage._get_init_p2p_neighbors_ops
+    rank = dist.get_rank(stage.group)
+
+    def ops_with_other_ranks() -> list[dist.P2POp]:
+        return [op for op in init_ops() if op.group_peer != rank]
+
+    stage._get_init_p2p_neighbors_ops = ops_with_other_ranks
 
 
 class PipelineRunner:
@@ -88,8 +101,10 @@ class PipelineRunner:
             stages = []
             for m in self.stage_modules:
                 inputs, outputs = self._stage_io(m, mb, seq)
-                stages.append(PipelineStage(m, m.index, self.plan.num_stages, self.device, input_args=inputs,
-                                            output_args=outputs, group=self.pp_group))
+                stage = PipelineStage(m, m.index, self.plan.num_stages, self.device, input_args=inputs,
+                                      output_args=outputs, group=self.pp_group)
+                skip_handshakes_with_self(stage)
+                stages.append(stage)
             if not train:
                 self._schedules[key] = ForwardOnlySchedule(stages, self.plan.microbatches, self._loss,
                                                            self.plan.stages_of_rank)

@@ -10,6 +10,7 @@ registered equals the same schedule without it (pipeline group of size 1, both V
 from __future__ import annotations
 
 import copy
+import inspect
 import random
 import threading
 import time
@@ -38,6 +39,7 @@ from lightning_moe.pipeline.overlap import (
     enable_overlap,
     run_overlapped,
 )
+from lightning_moe.pipeline.runner import skip_handshakes_with_self
 from tests.parallel._dist import run_workers
 
 EXACT = dict(rtol=0, atol=0)
@@ -402,6 +404,8 @@ def _check_dualpipev(rank: int, base_seed: int, mesh, recorder: _Recorder, check
     def schedule(mods):
         stages = [PipelineStage(m, i, 2, torch.device("cpu"), group=mesh["pp"].get_group())
                   for i, m in enumerate(mods)]
+        for stage in stages:
+            skip_handshakes_with_self(stage)  # both stages on one rank: torch 2.11 on gloo would send to itself
         return ScheduleDualPipeV(stages, n_microbatches, loss_fn=_mse)
 
     ref, ovl = schedule(ref_mods), enable_overlap(schedule(ovl_mods))
@@ -435,7 +439,7 @@ def _check_dualpipev(rank: int, base_seed: int, mesh, recorder: _Recorder, check
             assert events_ovl == events_ref
 
     check({}, overlapped=True)
-    if not checkpointing:
+    if not checkpointing and "loss_kwargs" in inspect.signature(ScheduleDualPipeV.step).parameters:  # torch 2.13
         # step()'s return_outputs / loss_kwargs reach the overlapped forward of the last stage.
         check({"return_outputs": False, "loss_kwargs": {"scale": 3.0}}, overlapped=True)
         assert all(not stage.output_chunks for stage in ovl._stages)

@@ -219,3 +219,22 @@ def test_dualpipe_with_mtp_under_fsdp_matches_one_process(seed):
 def test_pp2_ep2_fsdp_matches_one_process(seed):
     # 4 ranks: 2 pipeline ranks x 2 data-parallel ranks that also form the expert-parallel group
     run_workers(_pipeline_worker, 4, seed, "dualpipe", {"pp": 2, "dp_shard": 2, "ep": 2}, 0, 4, timeout_s=120)
+
+
+def _handshake_worker(rank: int, world_size: int) -> None:
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from lightning_moe.pipeline.runner import skip_handshakes_with_self
+
+    group = dist.group.WORLD
+    ops = [dist.P2POp(dist.isend, torch.zeros(1), group_peer=peer, group=group) for peer in range(world_size)]
+    stage = SimpleNamespace(group=group, _get_init_p2p_neighbors_ops=lambda: ops)
+    skip_handshakes_with_self(stage)
+    assert [op.group_peer for op in stage._get_init_p2p_neighbors_ops()] == [p for p in range(world_size) if p != rank]
+
+
+def test_stage_handshakes_skip_this_rank():
+    # torch 2.11 sends a dummy tensor between neighbouring stages on one rank too, which gloo refuses
+    run_workers(_handshake_worker, 2)
