@@ -227,7 +227,7 @@ def measure(schedule: str, microbatches: int, cfg: ModelConfig, args, device: to
                 step=1e3 * step.median().item(), bubble_mean=bubbles.mean(dim=1).median().item(),
                 bubble_max=bubbles.max(dim=1).values.median().item(), theory=theory,
                 tokens_s=batch * args.seq / step.median().item(),
-                backward=("I + W" if split else "whole, in I") if schedule in ("dualpipe", "zbv") else "whole")
+                backward=("I + W" if split else "whole, in I") if plan.spec.style == "v" else "whole")
 
 
 def table(rows: list[dict], cfg: ModelConfig, args, device: torch.device, dtype: torch.dtype) -> str:

@@ -75,9 +75,8 @@ def grouped_mm_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor,
         if not _warned_loop_fallback:
             _warned_loop_fallback = True
             warnings.warn(f"model.expert_kernel=grouped_mm: torch's grouped GEMM takes bfloat16 only on GPUs and "
-                          f"under torch.compile, so the "
-                          f"{x.dtype} experts run one matmul pair per expert (slow). Train in bf16 "
-                          "(strategy.param_dtype=bfloat16) for the grouped kernel.", stacklevel=2)
+                          f"under torch.compile, so the {x.dtype} experts run one matmul pair per expert (slow). "
+                          "Train in bf16 (strategy.param_dtype=bfloat16) for the grouped kernel.", stacklevel=2)
         return loop_experts(x, counts, w13, w2)
     offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
     w13, w2 = w13.to(x.dtype), w2.to(x.dtype)

@@ -17,6 +17,8 @@ from lightning_moe.parallel.expert_parallel import apply_expert_parallel
 from lightning_moe.parallel.recompute import checkpoint_contexts
 
 
+# Two functions rather than one taking context_fn as an argument: Dynamo (torch 2.13) refuses a checkpoint whose
+# context_fn is a variable of the traced function, and compiled blocks must use the plain one.
 def _checkpointed_forward(forward, *args, **kwargs):
     return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 

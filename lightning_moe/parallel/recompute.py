@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["SplitRecord", "checkpoint_contexts", "current_record", "replay_or_exchange"]
+__all__ = ["SplitRecord", "checkpoint_contexts", "replay_or_exchange"]
 
 SplitSizes = tuple[torch.Tensor, list[int], list[int]]  # recv_counts, send_splits, recv_splits
 
@@ -35,7 +35,6 @@ class SplitRecord:
 
     def __init__(self) -> None:
         self.entries: list[tuple[torch.Tensor, SplitSizes]] = []
-        self.replaying = False
         self._next = 0
 
     def record(self, counts: torch.Tensor, sizes: SplitSizes) -> None:
@@ -59,28 +58,26 @@ class SplitRecord:
         return sizes
 
     def active(self, replaying: bool) -> _Active:
-        """A context in which this record is the thread's: reusable, since a recomputation can run more than once
-        (a split backward recomputes for its input gradients and again for its weight gradients)."""
+        """A context in which this thread records into (forward) or replays from (recomputation) this record;
+        reusable, since a recomputation can run more than once (a split backward recomputes for its input gradients
+        and again for its weight gradients)."""
         return _Active(self, replaying)
 
 
 class _Active(contextlib.AbstractContextManager):
     def __init__(self, record: SplitRecord, replaying: bool) -> None:
-        self.record, self.replaying = record, replaying
-        self._previous: list[SplitRecord | None] = []
+        self.state = (record, replaying)
+        self._previous: list[tuple[SplitRecord, bool] | None] = []
 
     def __enter__(self) -> None:
-        self._previous.append(getattr(_local, "record", None))
-        _local.record = self.record
-        self.record.replaying, self.record._next = self.replaying, 0
+        self._previous.append(getattr(_local, "state", None))
+        _local.state = self.state
+        record, replaying = self.state
+        if replaying:
+            record._next = 0
 
     def __exit__(self, *exc) -> None:
-        _local.record = self._previous.pop()
-
-
-def current_record() -> SplitRecord | None:
-    """The record of the checkpointed call running on this thread, if any."""
-    return getattr(_local, "record", None)
+        _local.state = self._previous.pop()
 
 
 def checkpoint_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
@@ -91,11 +88,14 @@ def checkpoint_contexts() -> tuple[contextlib.AbstractContextManager, contextlib
 
 
 def replay_or_exchange(counts: torch.Tensor, exchange: Callable[[], SplitSizes]) -> SplitSizes:
-    """``exchange()``, recorded in the forward of a checkpointed call and replayed in its recomputation."""
-    record = current_record()
-    if record is not None and record.replaying:
+    """``exchange()``, recorded in the forward of a checkpointed call and replayed in its recomputation (the calls
+    of this thread inside ``checkpoint_contexts``); outside them, plainly ``exchange()``."""
+    state = getattr(_local, "state", None)
+    if state is None:
+        return exchange()
+    record, replaying = state
+    if replaying:
         return record.replay(counts)
     sizes = exchange()
-    if record is not None:
-        record.record(counts, sizes)
+    record.record(counts, sizes)
     return sizes

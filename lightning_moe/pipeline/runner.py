@@ -72,7 +72,7 @@ class PipelineRunner:
         # zero-bubble schedules split each backward into input (I) and weight (W) gradients; the split needs no FSDP
         # and a torch that can start W at a custom autograd Function (``pipeline.actions``)
         self.split_backward = not self._fsdp and split_backward_supported()
-        if not self._fsdp and not self.split_backward and plan.schedule in ("dualpipe", "zbv"):
+        if not self._fsdp and not self.split_backward and plan.spec.style == "v":  # DualPipeV, ZBV: I and W
             warnings.warn(f"torch {torch.__version__} cannot split the backward at custom autograd Functions "
                           "(torch >= 2.13 can): each backward runs whole in its input-gradient slot of the "
                           f"{plan.spec.torch_name} schedule", stacklevel=2)
