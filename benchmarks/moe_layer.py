@@ -16,6 +16,7 @@ Every step starts with the gradients set to None, as after ``optimizer.zero_grad
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -114,6 +115,8 @@ def layer_variants(name, layer, xl, run_compiled, record, args, device) -> None:
       ``router._RouterLogits``), with ``float32_matmul_precision`` as set (TF32 with ``high``).
     - ``CUDA graphs``: ``mode="reduce-overhead"`` (no launch gaps); the layer has no host synchronisation.
     - ``Triton weight gradients`` (``triton`` only): ``triton_grouped.WGRAD="triton"`` instead of ``grouped_mm``.
+    - ``one program per tile`` (``triton`` only, when a row GEMM's configuration is persistent): every row GEMM
+      launched one program per output tile instead.
     """
     from lightning_moe.moe import permute as permute_mod
     from lightning_moe.moe import router as router_mod
@@ -126,19 +129,22 @@ def layer_variants(name, layer, xl, run_compiled, record, args, device) -> None:
         step = step or (lambda: run_compiled(compiled=compiled))
         record(f"moe_layer[{name}]+compile, {label}", timeit(step, args.warmup, args.iters, device), note)
 
-    fusible = permute_mod._fusible
-    permute_mod._fusible = lambda dtype: False
-    try:
-        timed("bmm combine", "previous form", fresh())
-    finally:
-        permute_mod._fusible = fusible
-    logits = router_mod.router_logits
-    router_mod.router_logits = lambda x, w: F.linear(x.float(), w.float())
-    try:
-        timed("fp32 router", "previous form: upcast copies, fp32 GEMMs", fresh())
-    finally:
-        router_mod.router_logits = logits
-    if device.type == "cuda":
+    wanted = set(args.variants.split(","))
+    if "bmm" in wanted:
+        fusible = permute_mod._fusible
+        permute_mod._fusible = lambda dtype: False
+        try:
+            timed("bmm combine", "previous form", fresh())
+        finally:
+            permute_mod._fusible = fusible
+    if "fp32_router" in wanted:
+        logits = router_mod.router_logits
+        router_mod.router_logits = lambda x, w: F.linear(x.float(), w.float())
+        try:
+            timed("fp32 router", "previous form: upcast copies, fp32 GEMMs", fresh())
+        finally:
+            router_mod.router_logits = logits
+    if device.type == "cuda" and "cuda_graphs" in wanted:
         graphed = fresh(mode="reduce-overhead")
 
         def run_graphed():
@@ -149,11 +155,19 @@ def layer_variants(name, layer, xl, run_compiled, record, args, device) -> None:
     if name == "triton":
         from lightning_moe.moe import triton_grouped
 
-        triton_grouped.WGRAD = "triton"
-        try:
-            timed("Triton weight gradients", "previous form: triton_grouped.WGRAD=triton", fresh())
-        finally:
-            triton_grouped.WGRAD = "auto"
+        if "triton_wgrad" in wanted:
+            triton_grouped.WGRAD = "triton"
+            try:
+                timed("Triton weight gradients", "previous form: triton_grouped.WGRAD=triton", fresh())
+            finally:
+                triton_grouped.WGRAD = "auto"
+        configs = dict(triton_grouped.CONFIGS)
+        if "per_tile" in wanted and any(c.persistent for c in configs.values()):
+            triton_grouped.CONFIGS.update({k: dataclasses.replace(c, persistent=False) for k, c in configs.items()})
+            try:
+                timed("one program per tile", "previous form: no persistent row GEMMs", fresh())
+            finally:
+                triton_grouped.CONFIGS.update(configs)
     torch._dynamo.reset()
 
 
@@ -178,6 +192,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--profile", default=None, help="folder for CUDA kernel tables of the compiled layers")
     p.add_argument("--variants-for", default="", help="kernels (comma-separated) for which to also time the compiled "
                    "layer with the eager bmm combine, with the fp32 router GEMMs, and with CUDA graphs")
+    p.add_argument("--variants", default="bmm,fp32_router,cuda_graphs,triton_wgrad,per_tile",
+                   help="which of those variants to time (layer_variants says what each is)")
     args = p.parse_args(argv)
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)

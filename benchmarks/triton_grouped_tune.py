@@ -14,6 +14,7 @@ configuration against grouped_mm on the same inputs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -64,6 +65,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="first configuration of each sweep only")
     p.add_argument("--ops", default="fwd1,fwd2,dgrad2,dgrad1,wgrad2,wgrad1", help="which GEMMs to sweep")
     p.add_argument("--no-ptr", action="store_true", help="skip the pointer-load (no TMA) comparison")
+    p.add_argument("--persistent", choices=("both", "only", "off"), default="both",
+                   help="row GEMMs: also sweep (both), only sweep (only) or skip (off) the persistent launch")
     p.add_argument("--out", default=".")
     args = p.parse_args()
     out_dir = Path(args.out)
@@ -125,7 +128,7 @@ def main() -> None:
     }
     results: dict = {"shape": vars(args), "ops": {}}
     best: dict[str, dict] = {}
-    print(f"{'gemm':8s} {'variant':34s} {'ms':>8s} {'TFLOP/s':>8s} {'rel err':>9s}", flush=True)
+    print(f"{'gemm':8s} {'variant':45s} {'ms':>8s} {'TFLOP/s':>8s} {'rel err':>9s}", flush=True)
     for name, (flops, gmm_fn, dense_fn, tri_fn, ref, sweep) in ops.items():
         if name not in args.ops.split(","):
             continue
@@ -135,12 +138,16 @@ def main() -> None:
         for label, fn in (("grouped_mm", gmm_fn), ("dense mm (same total shape)", dense_fn)):
             ms = bench(fn)
             rec[label] = ms
-            print(f"{name:8s} {label:34s} {ms:8.3f} {flops / ms / 1e9:8.1f}", flush=True)
-        variants = [(c, True) for c in (sweep[:1] if args.quick else sweep)]
+            print(f"{name:8s} {label:45s} {ms:8.3f} {flops / ms / 1e9:8.1f}", flush=True)
+        configs = sweep[:1] if args.quick else sweep
+        if not name.startswith("wgrad") and args.persistent != "off":
+            persistent = [dataclasses.replace(c, persistent=True) for c in configs]
+            configs = persistent if args.persistent == "only" else configs + persistent
+        variants = [(c, True) for c in configs]
         variants += [] if args.no_ptr else [(sweep[0], False)]
         for cfg, tma in variants:
             label = f"triton {cfg.bm}x{cfg.bn}x{cfg.bk} w{cfg.num_warps} s{cfg.num_stages}"
-            label += "" if tma else " ptr"
+            label += (" persistent" if cfg.persistent else "") + ("" if tma else " ptr")
             try:
                 def run(cfg=cfg, tma=tma, tri_fn=tri_fn):
                     saved = tg.use_tma
@@ -152,12 +159,12 @@ def main() -> None:
                 err = rel(run(), ref_out)
                 ms = bench(run)
             except Exception as exc:  # a configuration that does not compile or fit is skipped
-                print(f"{name:8s} {label:34s} failed: {type(exc).__name__}: {str(exc)[:150]}", flush=True)
+                print(f"{name:8s} {label:45s} failed: {type(exc).__name__}: {str(exc)[:150]}", flush=True)
                 continue
             rec[label] = ms
-            print(f"{name:8s} {label:34s} {ms:8.3f} {flops / ms / 1e9:8.1f} {err:9.2e}", flush=True)
+            print(f"{name:8s} {label:45s} {ms:8.3f} {flops / ms / 1e9:8.1f} {err:9.2e}", flush=True)
             if tma and err < (2e-2 if on_gpu else 1e-5) and (name not in best or ms < best[name]["ms"]):
-                best[name] = {"ms": ms, "cfg": [cfg.bm, cfg.bn, cfg.bk, cfg.num_warps, cfg.num_stages]}
+                best[name] = {"ms": ms, "cfg": list(dataclasses.astuple(cfg))}
         results["ops"][name] = rec
     results["best"] = best
     (out_dir / "best_configs.json").write_text(json.dumps({k: v["cfg"] for k, v in best.items()}))

@@ -58,6 +58,10 @@ class TileConfig:
     bk: int
     num_warps: int
     num_stages: int
+    persistent: bool = False
+    """Row GEMMs only: one program per SM walks the tiles in a loop flattened with its k-loop, so the loads of the
+    next tile are issued while this tile's epilogue runs (a one-tile-per-program launch drains its pipeline at each
+    tile's end)."""
 
 
 # Per GEMM of the expert forward/backward; tuned on an H100 (benchmarks/triton_grouped_tune.py). ``fwd1``'s ``bn``
@@ -85,13 +89,19 @@ def _tma_ok(*tensors: torch.Tensor) -> bool:
 
 
 @triton.jit
-def _tile_rows(offs_ptr, tile, E, BM: tl.constexpr, E_P2: tl.constexpr):
-    """The expert, first row and end row of row tile ``tile``: each expert owns ceil(rows / BM) consecutive tiles."""
+def _expert_table(offs_ptr, E, BM: tl.constexpr, E_P2: tl.constexpr):
+    """Per expert (padded to E_P2): start row, end row, row tiles and running row-tile count. Each expert owns
+    ceil(rows / BM) consecutive row tiles."""
     idx = tl.arange(0, E_P2)
     ends = tl.load(offs_ptr + idx, mask=idx < E, other=0)
     starts = tl.load(offs_ptr + idx - 1, mask=(idx > 0) & (idx < E), other=0)
     tiles = (ends - starts + BM - 1) // BM
-    cum = tl.cumsum(tiles, 0)
+    return idx, starts, ends, tiles, tl.cumsum(tiles, 0)
+
+
+@triton.jit
+def _locate(tile, idx, starts, ends, tiles, cum, BM: tl.constexpr):
+    """The expert, first row and end row of row tile ``tile`` (expert E when ``tile`` is past the last one)."""
     e = tl.sum((cum <= tile).to(tl.int32), 0)
     sel = idx == e
     first_tile = tl.sum(tl.where(sel, cum - tiles, 0), 0)
@@ -120,26 +130,20 @@ def _load_b(b_ptr, b_desc, e, k0, n0, K, N, N_ROWS, s_be, s_bk, s_bn,
 
 
 @triton.jit
-def _rows_kernel(
-    a_ptr, a_desc, b_ptr, b_desc, c_ptr, aux_ptr, h_ptr, offs_ptr,
-    E, N, K, NB_N, HALF, N_ROWS,
+def _row_tile(
+    a_ptr, a_desc, b_ptr, b_desc, c_ptr, aux_ptr, h_ptr,
+    e, row0, row_end, tile_n, N, K, HALF, N_ROWS,
     s_am, s_be, s_bk, s_bn, s_cm, s_auxm, s_hm,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, E_P2: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     B_KMAJOR: tl.constexpr, USE_TMA: tl.constexpr, EPILOGUE: tl.constexpr,
 ):
-    """c[rows of e, :N] = a[rows of e] @ b[e] (b: [E, K, N] by strides; N_ROWS: b's full n extent).
+    """One output tile: c[row0:row0+BM (< row_end), tile_n*BN:+BN] = a[rows] @ b[e] and its epilogue.
 
     EPILOGUE 1 (SwiGLU): columns n of the gate half and HALF + n of the up half are computed together; c gets both
     (the pre-activations, [rows, 2 * HALF]) and h_ptr gets silu(gate) * up ([rows, HALF]).
     EPILOGUE 2 (SwiGLU backward): the product is dh; aux holds the saved [rows, 2 * HALF] gate and up values, and c
     gets their gradients.
     """
-    pid = tl.program_id(0)
-    tile_m = pid // NB_N
-    tile_n = pid % NB_N
-    e, row0, row_end = _tile_rows(offs_ptr, tile_m, E, BM, E_P2)
-    if e >= E:
-        return
     n0 = tile_n * BN
     rows = row0 + tl.arange(0, BM)
     cols = n0 + tl.arange(0, BN)
@@ -188,6 +192,43 @@ def _rows_kernel(
 
 
 @triton.jit
+def _rows_kernel(
+    a_ptr, a_desc, b_ptr, b_desc, c_ptr, aux_ptr, h_ptr, offs_ptr,
+    E, N, K, NB_N, HALF, N_ROWS,
+    s_am, s_be, s_bk, s_bn, s_cm, s_auxm, s_hm,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, E_P2: tl.constexpr,
+    B_KMAJOR: tl.constexpr, USE_TMA: tl.constexpr, EPILOGUE: tl.constexpr,
+):
+    """c[rows of e, :N] = a[rows of e] @ b[e] (b: [E, K, N] by strides; N_ROWS: b's full n extent), one program
+    per output tile. The grid covers the most row tiles any counts can need; programs past the last one return."""
+    pid = tl.program_id(0)
+    idx, starts, ends, tiles, cum = _expert_table(offs_ptr, E, BM, E_P2)
+    e, row0, row_end = _locate(pid // NB_N, idx, starts, ends, tiles, cum, BM)
+    if e >= E:
+        return
+    _row_tile(a_ptr, a_desc, b_ptr, b_desc, c_ptr, aux_ptr, h_ptr, e, row0, row_end, pid % NB_N, N, K, HALF,
+              N_ROWS, s_am, s_be, s_bk, s_bn, s_cm, s_auxm, s_hm, BM, BN, BK, B_KMAJOR, USE_TMA, EPILOGUE)
+
+
+@triton.jit
+def _rows_kernel_persistent(
+    a_ptr, a_desc, b_ptr, b_desc, c_ptr, aux_ptr, h_ptr, offs_ptr,
+    E, N, K, NB_N, HALF, N_ROWS,
+    s_am, s_be, s_bk, s_bn, s_cm, s_auxm, s_hm,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, E_P2: tl.constexpr,
+    B_KMAJOR: tl.constexpr, USE_TMA: tl.constexpr, EPILOGUE: tl.constexpr,
+):
+    """``_rows_kernel`` with a fixed grid: each program takes every num_programs-th tile of the exact tile count,
+    in one loop that Triton flattens with the k-loop and software-pipelines across tiles."""
+    idx, starts, ends, tiles, cum = _expert_table(offs_ptr, E, BM, E_P2)
+    total = tl.sum(tiles, 0) * NB_N
+    for work in tl.range(tl.program_id(0), total, tl.num_programs(0), flatten=True):
+        e, row0, row_end = _locate(work // NB_N, idx, starts, ends, tiles, cum, BM)
+        _row_tile(a_ptr, a_desc, b_ptr, b_desc, c_ptr, aux_ptr, h_ptr, e, row0, row_end, work % NB_N, N, K, HALF,
+                  N_ROWS, s_am, s_be, s_bk, s_bn, s_cm, s_auxm, s_hm, BM, BN, BK, B_KMAJOR, USE_TMA, EPILOGUE)
+
+
+@triton.jit
 def _wgrad_kernel(
     a_ptr, a_desc, g_ptr, g_desc, c_ptr, offs_ptr,
     KA, NG, NB_I, NB_J,
@@ -231,6 +272,13 @@ def _e_p2(num_experts: int) -> int:
     return max(16, triton.next_power_of_2(num_experts))
 
 
+def _num_sms(device: torch.device) -> int:
+    """Programs of a persistent launch: one per multiprocessor (a few under the CPU interpreter)."""
+    if device.type != "cuda":
+        return 3
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def grouped_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, cfg: TileConfig, *,
                     epilogue: int = _PLAIN, aux: torch.Tensor | None = None,
                     tma: bool | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -260,9 +308,12 @@ def grouped_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, cfg: T
         a_desc = TensorDescriptor.from_tensor(a, [cfg.bm, cfg.bk])
         b_desc = TensorDescriptor.from_tensor(storage, [cfg.bn, cfg.bk] if b_kmajor else [cfg.bk, cfg.bn])
     nb_n = triton.cdiv(n, cfg.bn)
-    grid = ((triton.cdiv(m, cfg.bm) + num_experts) * nb_n,)
+    tiles = (triton.cdiv(m, cfg.bm) + num_experts) * nb_n  # at least the row tiles any counts can need
+    kernel = _rows_kernel
+    if cfg.persistent:
+        kernel, tiles = _rows_kernel_persistent, min(tiles, _num_sms(a.device))
     if m:
-        _rows_kernel[grid](
+        kernel[(tiles,)](
             a, a_desc, b, b_desc, c, aux, h, offs,
             num_experts, n, k, nb_n, half, n_out,
             a.stride(0), b.stride(0), b.stride(1), b.stride(2), c.stride(0), aux.stride(0), h.stride(0),

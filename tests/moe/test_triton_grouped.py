@@ -30,12 +30,13 @@ from lightning_moe.moe import triton_grouped as tg
 from lightning_moe.moe.kernels import loop_experts
 
 torch.manual_seed(int(sys.argv[1]))
-small = tg.TileConfig(16, 16, 16, 4, 2)
-tg.CONFIGS.update({name: small for name in tg.CONFIGS})
 E, D, H = 4, 32, 24  # H is not a multiple of the tile: the SwiGLU halves are masked
 cases = {"empty expert": torch.tensor([7, 0, 20, 1]), "one expert": torch.tensor([0, 0, 17, 0])}
-for tma in (False, True):
+# One program per tile, and persistent programs (3 under the interpreter) that each loop over several tiles.
+for tma, persistent in ((False, False), (True, False), (False, True), (True, True)):
     tg.use_tma = lambda device, tma=tma: tma
+    small = tg.TileConfig(16, 16, 16, 4, 2, persistent)
+    tg.CONFIGS.update({name: small for name in tg.CONFIGS})
     for name, counts in cases.items():
         x = torch.randn(int(counts.sum()), D, requires_grad=True)
         w13 = (torch.randn(E, D, 2 * H) * D ** -0.5).requires_grad_()
@@ -46,7 +47,7 @@ for tma in (False, True):
         ref = loop_experts(x, counts, w13, w2)
         ref_grads = torch.autograd.grad(ref, (x, w13, w2), dy)
         errs = [((a - b).norm() / b.norm()).item() for a, b in zip((out, *grads), (ref, *ref_grads))]
-        print("tma" if tma else "ptr", name, *errs)
+        print("tma" if tma else "ptr", "persistent" if persistent else "tiles", name, *errs)
 """
 
 
@@ -66,7 +67,7 @@ def test_triton_kernels_match_loop_in_interpreter(seed):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 4, proc.stdout
+    assert len(lines) == 8, proc.stdout
     for line in lines:
         errs = [float(v) for v in line.split()[-4:]]
         assert max(errs) < 1e-5, line
@@ -88,15 +89,21 @@ def _rel(a, b):
 
 @cuda
 @needs_triton
-@pytest.mark.parametrize("tma,wgrad", [(True, "auto"), (False, "auto"), (True, "triton")])
+@pytest.mark.parametrize("tma,wgrad,persistent", [(True, "auto", False), (False, "auto", False),
+                                                  (True, "triton", False), (True, "auto", True),
+                                                  (False, "auto", True)])
 @pytest.mark.parametrize("shape", [(8, 256, 136, 1000), (16, 512, 384, 3000)])
-def test_gpu_triton_matches_loop_in_bf16(seed, monkeypatch, tma, wgrad, shape):
+def test_gpu_triton_matches_loop_in_bf16(seed, monkeypatch, tma, wgrad, persistent, shape):
+    import dataclasses
+
     from lightning_moe.moe import triton_grouped as tg
 
     if tma and not tg.use_tma(torch.device("cuda")):
         pytest.skip("this GPU has no TMA")
     monkeypatch.setattr(tg, "use_tma", lambda device: tma)
     monkeypatch.setattr(tg, "WGRAD", wgrad)
+    configs = {name: dataclasses.replace(cfg, persistent=persistent) for name, cfg in tg.CONFIGS.items()}
+    monkeypatch.setattr(tg, "CONFIGS", configs)
     x, counts, w13, w2 = _gpu_inputs(*shape)
     out = tg.triton_experts(x, counts, w13, w2)
     g = torch.randn_like(out)
