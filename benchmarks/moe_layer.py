@@ -109,8 +109,13 @@ def profile_layer(name: str, step, folder: Path, steps: int = 3) -> None:
 def layer_variants(name, layer, xl, run_compiled, record, args, device) -> None:
     """Compiled-layer variants, each against the row just above it in the same process.
 
+    - ``rows gathered``: the token rows copied to their routed rows by a gather (``index_select``) instead of a
+      scatter from the tokens (``permute._rows_from_tokens``), in the forward and in the combine's backward.
+    - ``weighted combine``: the gate weights applied by the combine to the expert outputs (``MoE.weights_in_experts``
+      off), instead of by the experts to their SwiGLU outputs.
     - ``bmm combine``: the gathers written as ``index_select`` + ``bmm`` (eager mode's form) instead of the
-      product-sum form Inductor fuses (``permute._fusible``), i.e. the layer before that change.
+      product-sum form Inductor fuses (``permute._fusible``), i.e. the layer before that change (with the weighted
+      combine, which is the only one it changes).
     - ``fp32 router``: the router GEMM on upcast fp32 copies of the tokens and weights (the form before
       ``router._RouterLogits``), with ``float32_matmul_precision`` as set (TF32 with ``high``).
     - ``CUDA graphs``: ``mode="reduce-overhead"`` (no launch gaps); the layer has no host synchronisation.
@@ -130,13 +135,28 @@ def layer_variants(name, layer, xl, run_compiled, record, args, device) -> None:
         record(f"moe_layer[{name}]+compile, {label}", timeit(step, args.warmup, args.iters, device), note)
 
     wanted = set(args.variants.split(","))
+    if "gather_rows" in wanted:
+        scatter = permute_mod._rows_from_tokens
+        permute_mod._rows_from_tokens = lambda x, inverse, token_index: x.index_select(0, token_index)
+        try:
+            timed("rows gathered", "previous form: token rows gathered by index, not scattered", fresh())
+        finally:
+            permute_mod._rows_from_tokens = scatter
+    if "weighted_combine" in wanted:
+        layer.weights_in_experts = False
+        try:
+            timed("weighted combine", "previous form: gate weights applied in the combine", fresh())
+        finally:
+            layer.weights_in_experts = True
     if "bmm" in wanted:
         fusible = permute_mod._fusible
         permute_mod._fusible = lambda dtype: False
+        layer.weights_in_experts = False
         try:
             timed("bmm combine", "previous form", fresh())
         finally:
             permute_mod._fusible = fusible
+            layer.weights_in_experts = True
     if "fp32_router" in wanted:
         logits = router_mod.router_logits
         router_mod.router_logits = lambda x, w: F.linear(x.float(), w.float())
@@ -192,7 +212,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--profile", default=None, help="folder for CUDA kernel tables of the compiled layers")
     p.add_argument("--variants-for", default="", help="kernels (comma-separated) for which to also time the compiled "
                    "layer with the eager bmm combine, with the fp32 router GEMMs, and with CUDA graphs")
-    p.add_argument("--variants", default="bmm,fp32_router,cuda_graphs,triton_wgrad,per_tile",
+    p.add_argument("--variants",
+                   default="gather_rows,weighted_combine,bmm,fp32_router,cuda_graphs,triton_wgrad,per_tile",
                    help="which of those variants to time (layer_variants says what each is)")
     args = p.parse_args(argv)
 

@@ -36,9 +36,13 @@ class RoutedExperts(nn.Module):
     """E SwiGLU experts stored as stacked weights, run by the configured kernel.
 
     Parameters: w13 [E, D, 2H] (gate and up projections side by side), w2 [E, H, D].
-    ``forward(x: [N, D], counts: [E]) -> [N, D]`` with rows of x sorted by expert. Expert parallelism wraps this
-    module's inputs and outputs (token dispatch/combine); the module itself does no communication.
+    ``forward(x: [N, D], counts: [E], row_weights: [N] | None = None) -> [N, D]`` with rows of x sorted by expert;
+    ``row_weights`` scale each row's SwiGLU output (``kernels.py``). Expert parallelism wraps this module's inputs and
+    outputs (token dispatch/combine); the module itself does no communication.
     """
+
+    takes_row_weights = True
+    """Whether ``forward`` accepts ``row_weights`` (the MoE layer then leaves the gate weights to the kernel)."""
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, kernel: str = "grouped_mm",
                  init_std: float = 0.02) -> None:
@@ -62,6 +66,8 @@ class RoutedExperts(nn.Module):
             w13, w2 = w13.to_local(), w2.to_local()
         return w13, w2
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, row_weights: torch.Tensor | None = None) -> torch.Tensor:
         w13, w2 = self.local_weights()
-        return self.kernel(x, counts, w13, w2)
+        if row_weights is None:
+            return self.kernel(x, counts, w13, w2)
+        return self.kernel(x, counts, w13, w2, row_weights)

@@ -2,11 +2,16 @@
 
 Every kernel has one signature::
 
-    kernel(x: [N, D], counts: [E] int, w13: [E, D, 2H], w2: [E, H, D]) -> [N, D]
+    kernel(x: [N, D], counts: [E] int, w13: [E, D, 2H], w2: [E, H, D], row_weights: [N] | None = None) -> [N, D]
 
 where the rows of ``x`` are sorted by expert (``counts[e]`` rows for expert ``e``, in order, ``sum(counts) == N``)
-and ``w13`` holds the gate and up projections side by side. ``loop`` is the readable reference the tests compare
-against; ``grouped_mm`` (default) runs all experts in one ``torch.nn.functional.grouped_mm`` per projection;
+and ``w13`` holds the gate and up projections side by side. With ``row_weights`` (each routed row's gate weight,
+float32) every row's SwiGLU output is scaled by its weight before the down projection, which is the same function as
+scaling the row's output (the down projection is linear); the MoE layer passes them so that its combine is a plain
+sum and the routed outputs need not be kept for the gate weights' gradient (``layer.py``).
+
+``loop`` is the readable reference the tests compare against; ``grouped_mm`` (default) runs all experts in one
+``torch.nn.functional.grouped_mm`` per projection;
 ``megablocks`` uses the grouped GEMM of the optional ``megablocks`` package (GPU only); ``triton`` runs this package's
 own Triton grouped GEMMs with SwiGLU and its backward fused into their epilogues (``triton_grouped.py``; needs
 ``triton``, which is imported only when this kernel is chosen).
@@ -20,7 +25,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-ExpertKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+ExpertKernel = Callable[..., torch.Tensor]
 
 
 def swiglu(h13: torch.Tensor) -> torch.Tensor:
@@ -28,13 +33,22 @@ def swiglu(h13: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def loop_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+def scale_rows(h: torch.Tensor, row_weights: torch.Tensor | None) -> torch.Tensor:
+    """h * row_weights[:, None], multiplied in float32 and rounded once to h's dtype; h itself when None."""
+    if row_weights is None:
+        return h
+    return (h.float() * row_weights.unsqueeze(-1)).to(h.dtype)
+
+
+def loop_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                 row_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Reference: one matmul pair per expert, in a Python loop."""
     w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
     outs, start = [], 0
     for e, n in enumerate(counts.tolist()):
         rows = x[start:start + n]
-        outs.append(swiglu(rows @ w13[e]) @ w2[e])
+        weights = None if row_weights is None else row_weights[start:start + n]
+        outs.append(scale_rows(swiglu(rows @ w13[e]), weights) @ w2[e])
         start += n
     if not outs:
         return x.new_zeros(0, w2.shape[-1])
@@ -64,7 +78,8 @@ def _grouped_mm_supports(x: torch.Tensor) -> bool:
 _warned_loop_fallback = False
 
 
-def grouped_mm_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+def grouped_mm_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                       row_weights: torch.Tensor | None = None) -> torch.Tensor:
     """All experts in two ``grouped_mm`` calls (one for gate+up, one for down).
 
     On a GPU or under torch.compile with other than bf16 rows (an fp32 run, or fp16) it falls back to
@@ -77,10 +92,10 @@ def grouped_mm_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor,
             warnings.warn(f"model.expert_kernel=grouped_mm: torch's grouped GEMM takes bfloat16 only on GPUs and "
                           f"under torch.compile, so the {x.dtype} experts run one matmul pair per expert (slow). "
                           "Train in bf16 (strategy.param_dtype=bfloat16) for the grouped kernel.", stacklevel=2)
-        return loop_experts(x, counts, w13, w2)
+        return loop_experts(x, counts, w13, w2, row_weights)
     offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
     w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
-    h = swiglu(F.grouped_mm(x, w13, offs=offs))
+    h = scale_rows(swiglu(F.grouped_mm(x, w13, offs=offs)), row_weights)
     return _ContiguousGrad.apply(F.grouped_mm(h, w2, offs=offs))
 
 
@@ -116,12 +131,13 @@ def _megablocks_gmm() -> Callable[..., torch.Tensor]:
     raise ImportError(f"{_MEGABLOCKS_HELP} ({'; '.join(errors)})")
 
 
-def megablocks_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+def megablocks_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                       row_weights: torch.Tensor | None = None) -> torch.Tensor:
     """MegaBlocks' dropless grouped GEMM (``grouped_gemm.ops.gmm``); batch sizes must live on the CPU."""
     gmm = _megablocks_gmm()
     batch_sizes = counts.to("cpu", torch.int64)
     w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
-    h = swiglu(gmm(x, w13, batch_sizes))
+    h = scale_rows(swiglu(gmm(x, w13, batch_sizes)), row_weights)
     return gmm(h, w2, batch_sizes)
 
 
@@ -136,9 +152,10 @@ def _triton_module():
     return triton_grouped
 
 
-def triton_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+def triton_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                   row_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Triton grouped GEMMs with SwiGLU (and its backward) fused into the GEMM epilogues; TMA loads on Hopper."""
-    return _triton_module().triton_experts(x, counts, w13, w2)
+    return _triton_module().triton_experts(x, counts, w13, w2, row_weights)
 
 
 KERNELS: dict[str, ExpertKernel] = {

@@ -10,7 +10,14 @@ from torch import nn
 
 from lightning_moe.models.config import ModelConfig
 from lightning_moe.moe.experts import FeedForward, RoutedExperts
-from lightning_moe.moe.permute import combine, expert_capacity, gather_tokens, inverse_order, permute
+from lightning_moe.moe.permute import (
+    combine,
+    expert_capacity,
+    gather_tokens,
+    inverse_order,
+    permute,
+    slot_weights_by_row,
+)
 from lightning_moe.moe.router import TopKRouter
 
 
@@ -36,6 +43,10 @@ class MoE(nn.Module):
 
     After each forward, ``last_losses`` holds the detached balance losses for logging.
     """
+
+    weights_in_experts = True
+    """Dropless, with experts that take row weights: the gate weights scale the experts' SwiGLU outputs and the
+    combine sums (False: the combine weights the expert outputs; the same function, used as a reference)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -69,8 +80,15 @@ class MoE(nn.Module):
             with torch.no_grad():
                 self.router.dropped_tokens += perm.dropped
         inverse = inverse_order(perm) if perm.dropless else None
-        routed_out = self.experts(gather_tokens(tokens, perm, inverse), perm.counts)
-        out = combine(routed_out, perm, routing.weights, inverse)
+        rows = gather_tokens(tokens, perm, inverse)
+        if perm.dropless and self.weights_in_experts and getattr(self.experts, "takes_row_weights", False):
+            # The experts scale each row by its gate weight before their down projection, and the combine is a
+            # plain sum: the gate weights' gradient comes out of the experts' backward, so the routed outputs
+            # [N, D] need not be kept for it.
+            routed_out = self.experts(rows, perm.counts, slot_weights_by_row(routing.weights, perm))
+            out = combine(routed_out, perm, None, inverse)
+        else:
+            out = combine(self.experts(rows, perm.counts), perm, routing.weights, inverse)
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens)
         out = out.view(b, s, d)

@@ -25,6 +25,8 @@ class Permutation:
     """T * K."""
     dropped: int | torch.Tensor = 0
     """Slots dropped by the capacity limit."""
+    top_k: int = 1
+    """K, the experts per token (num_slots // top_k tokens)."""
 
     @property
     def dropless(self) -> bool:
@@ -57,7 +59,7 @@ def permute(expert_indices: torch.Tensor, num_experts: int, capacity: int | None
         kept = counts.clamp(max=capacity)
         dropped = (counts - kept).sum()
         counts = kept
-    return Permutation(slot_order, slot_order // k, counts, t * k, dropped)
+    return Permutation(slot_order, slot_order // k, counts, t * k, dropped, k)
 
 
 def inverse_order(perm: Permutation) -> torch.Tensor:
@@ -83,6 +85,19 @@ def _sum_slots(rows: torch.Tensor, inverse: torch.Tensor, num_tokens: int) -> to
     return rows.index_select(0, inverse).view(num_tokens, -1, rows.shape[-1]).sum(1)
 
 
+def _rows_from_tokens(x: torch.Tensor, inverse: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
+    """rows[inverse[t * K + k]] = x[t], i.e. x[token_index]: [T, D] -> [N = T * K, D] (dropless).
+
+    Written as a scatter from the tokens rather than a gather by ``token_index``, so each token row is read once
+    and written to its K routed rows: a gather reads every token row K times in expert order, from device memory
+    whenever x does not fit in the L2 cache, so it moves about twice the bytes. (``token_index`` is unused here; the
+    benchmark substitutes the gather form to compare.)"""
+    t, d = x.shape
+    rows = x.new_empty(inverse.numel(), d)
+    rows[inverse.view(t, -1)] = x.unsqueeze(1)
+    return rows
+
+
 class _GatherTokens(torch.autograd.Function):
     """rows = x[token_index]; the backward sums each token's K row gradients with a gather (no atomic adds)."""
 
@@ -90,12 +105,27 @@ class _GatherTokens(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, token_index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(inverse)
         ctx.num_tokens = x.shape[0]
-        return x.index_select(0, token_index)
+        return _rows_from_tokens(x, inverse, token_index)
 
     @staticmethod
     def backward(ctx, grad_rows: torch.Tensor):
         (inverse,) = ctx.saved_tensors
         return _sum_slots(grad_rows, inverse, ctx.num_tokens), None, None
+
+
+class _SumSlots(torch.autograd.Function):
+    """out[t] = sum_k rows[inverse[t * K + k]]; the backward copies each token's gradient to its K rows."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, inverse: torch.Tensor, token_index: torch.Tensor, num_tokens: int,
+                ) -> torch.Tensor:
+        ctx.save_for_backward(inverse, token_index)
+        return _sum_slots(rows, inverse, num_tokens)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        inverse, token_index = ctx.saved_tensors
+        return _rows_from_tokens(grad_out, inverse, token_index), None, None, None
 
 
 class _Combine(torch.autograd.Function):
@@ -145,12 +175,24 @@ def gather_tokens(x: torch.Tensor, perm: Permutation, inverse: torch.Tensor | No
     return _GatherTokens.apply(x, perm.token_index, inverse)
 
 
-def combine(routed_out: torch.Tensor, perm: Permutation, weights: torch.Tensor,
+def slot_weights_by_row(weights: torch.Tensor, perm: Permutation) -> torch.Tensor:
+    """weights: [T, K] gate weights -> [N] the weight of each routed row (expert order)."""
+    return weights.reshape(-1).index_select(0, perm.slot_order)
+
+
+def combine(routed_out: torch.Tensor, perm: Permutation, weights: torch.Tensor | None,
             inverse: torch.Tensor | None = None) -> torch.Tensor:
     """Weighted sum of each token's expert outputs. routed_out: [N, D]; weights: [T, K] -> [T, D].
 
-    Dropped slots contribute zero. The dropless path gathers in both directions (deterministic, no atomic adds).
+    ``weights=None`` sums the rows unweighted (dropless only): for rows that the experts already scaled by their
+    gate weights (``kernels.py``). Dropped slots contribute zero. The dropless path gathers in both directions
+    (deterministic, no atomic adds).
     """
+    if weights is None:
+        if not perm.dropless:
+            raise ValueError("combine without weights needs a dropless permutation")
+        inverse = inverse_order(perm) if inverse is None else inverse
+        return _SumSlots.apply(routed_out, inverse, perm.token_index, perm.num_slots // perm.top_k)
     t, k = weights.shape
     if perm.dropless:
         inverse = inverse_order(perm) if inverse is None else inverse

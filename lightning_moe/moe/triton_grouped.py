@@ -131,18 +131,21 @@ def _load_b(b_ptr, b_desc, e, k0, n0, K, N, N_ROWS, s_be, s_bk, s_bn,
 
 @triton.jit
 def _row_tile(
-    a_ptr, a_desc, b_ptr, b_desc, c_ptr, aux_ptr, h_ptr,
+    a_ptr, a_desc, b_ptr, b_desc, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr,
     e, row0, row_end, tile_n, N, K, HALF, N_ROWS,
-    s_am, s_be, s_bk, s_bn, s_cm, s_auxm, s_hm,
+    s_am, s_be, s_bk, s_bn, s_cm, s_auxm, s_hm, s_drw,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    B_KMAJOR: tl.constexpr, USE_TMA: tl.constexpr, EPILOGUE: tl.constexpr,
+    B_KMAJOR: tl.constexpr, USE_TMA: tl.constexpr, EPILOGUE: tl.constexpr, HAS_RW: tl.constexpr,
 ):
     """One output tile: c[row0:row0+BM (< row_end), tile_n*BN:+BN] = a[rows] @ b[e] and its epilogue.
 
     EPILOGUE 1 (SwiGLU): columns n of the gate half and HALF + n of the up half are computed together; c gets both
-    (the pre-activations, [rows, 2 * HALF]) and h_ptr gets silu(gate) * up ([rows, HALF]).
-    EPILOGUE 2 (SwiGLU backward): the product is dh; aux holds the saved [rows, 2 * HALF] gate and up values, and c
-    gets their gradients.
+    (the pre-activations, [rows, 2 * HALF]) and h_ptr gets silu(gate) * up ([rows, HALF]), times the row's weight
+    rw_ptr[row] with HAS_RW.
+    EPILOGUE 2 (SwiGLU backward): the product is the gradient of h_ptr's values; aux holds the saved [rows, 2 * HALF]
+    gate and up values, and c gets their gradients. With HAS_RW the product is the gradient of the weighted h: this
+    tile's share of each row weight's gradient, sum over its columns of product * silu(gate) * up, goes to
+    drw_ptr[row, tile_n], and the product times the row weight is the gradient of h.
     """
     n0 = tile_n * BN
     rows = row0 + tl.arange(0, BM)
@@ -178,26 +181,57 @@ def _row_tile(
         # From the rounded pre-activations, as the backward sees them.
         g = gate.to(tl.float32)
         h = g * tl.sigmoid(g) * up.to(tl.float32)
+        if HAS_RW:
+            w = tl.load(rw_ptr + rows64, mask=row_mask, other=0.0)
+            h = h.to(h_ptr.dtype.element_ty).to(tl.float32) * w[:, None]
         tl.store(h_ptr + rows64[:, None] * s_hm + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
+    elif HAS_RW:  # EPILOGUE 2 with row weights
+        # Two column halves one after the other: the epilogue holds several tile-sized values per thread, and
+        # halving them keeps it out of register spills.
+        halves = tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1))
+        acc0, acc1 = tl.split(halves)
+        w = tl.load(rw_ptr + rows64, mask=row_mask, other=0.0)
+        cols0 = n0 + tl.arange(0, BN // 2)
+        part = _swiglu_backward(acc0, w, rows64, row_mask, cols0, N, HALF, c_ptr, aux_ptr, s_cm, s_auxm, True)
+        part += _swiglu_backward(acc1, w, rows64, row_mask, cols0 + BN // 2, N, HALF, c_ptr, aux_ptr, s_cm, s_auxm,
+                                 True)
+        tl.store(drw_ptr + rows64 * s_drw + tile_n, part, mask=row_mask)
     else:
-        aux_ptrs = aux_ptr + rows64[:, None] * s_auxm + cols[None, :]
-        g = tl.load(aux_ptrs, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(aux_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
-        dh = acc.to(c_ptr.dtype.element_ty).to(tl.float32)
-        sig = tl.sigmoid(g)
-        d_gate = dh * up * sig * (1.0 + g * (1.0 - sig))
-        d_up = dh * g * sig
-        tl.store(c_ptrs, d_gate.to(c_ptr.dtype.element_ty), mask=mask)
-        tl.store(c_ptrs + HALF, d_up.to(c_ptr.dtype.element_ty), mask=mask)
+        _swiglu_backward(acc, acc, rows64, row_mask, cols, N, HALF, c_ptr, aux_ptr, s_cm, s_auxm, False)
+
+
+@triton.jit
+def _swiglu_backward(acc, w, rows64, row_mask, cols, N, HALF, c_ptr, aux_ptr, s_cm, s_auxm, HAS_RW: tl.constexpr):
+    """SwiGLU's backward on a tile: acc is the gradient of h (of h * w with HAS_RW, w [BM] the row weights); aux
+    holds the saved gate and up values; c gets their gradients. Returns, with HAS_RW, each row's share of its row
+    weight's gradient over these columns (sum of acc * h)."""
+    mask = row_mask[:, None] & (cols[None, :] < N)
+    aux_ptrs = aux_ptr + rows64[:, None] * s_auxm + cols[None, :]
+    g = tl.load(aux_ptrs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(aux_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+    dh = acc.to(c_ptr.dtype.element_ty).to(tl.float32)
+    sig = tl.sigmoid(g)
+    part = tl.zeros_like(rows64).to(tl.float32)
+    if HAS_RW:
+        # The forward's h before the weight, recomputed from the same rounded gate and up values.
+        h = (g * sig * up).to(c_ptr.dtype.element_ty).to(tl.float32)
+        part = tl.sum(tl.where(mask, dh * h, 0.0), 1)
+        dh = (dh * w[:, None]).to(c_ptr.dtype.element_ty).to(tl.float32)
+    d_gate = dh * up * sig * (1.0 + g * (1.0 - sig))
+    d_up = dh * g * sig
+    c_ptrs = c_ptr + rows64[:, None] * s_cm + cols[None, :]
+    tl.store(c_ptrs, d_gate.to(c_ptr.dtype.element_ty), mask=mask)
+    tl.store(c_ptrs + HALF, d_up.to(c_ptr.dtype.element_ty), mask=mask)
+    return part
 
 
 @triton.jit
 def _rows_kernel(
-    a_ptr, a_desc, b_ptr, b_desc, c_ptr, aux_ptr, h_ptr, offs_ptr,
+    a_ptr, a_desc, b_ptr, b_desc, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, offs_ptr,
     E, N, K, NB_N, HALF, N_ROWS,
-    s_am, s_be, s_bk, s_bn, s_cm, s_auxm, s_hm,
+    s_am, s_be, s_bk, s_bn, s_cm, s_auxm, s_hm, s_drw,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, E_P2: tl.constexpr,
-    B_KMAJOR: tl.constexpr, USE_TMA: tl.constexpr, EPILOGUE: tl.constexpr,
+    B_KMAJOR: tl.constexpr, USE_TMA: tl.constexpr, EPILOGUE: tl.constexpr, HAS_RW: tl.constexpr,
 ):
     """c[rows of e, :N] = a[rows of e] @ b[e] (b: [E, K, N] by strides; N_ROWS: b's full n extent), one program
     per output tile. The grid covers the most row tiles any counts can need; programs past the last one return."""
@@ -206,17 +240,18 @@ def _rows_kernel(
     e, row0, row_end = _locate(pid // NB_N, idx, starts, ends, tiles, cum, BM)
     if e >= E:
         return
-    _row_tile(a_ptr, a_desc, b_ptr, b_desc, c_ptr, aux_ptr, h_ptr, e, row0, row_end, pid % NB_N, N, K, HALF,
-              N_ROWS, s_am, s_be, s_bk, s_bn, s_cm, s_auxm, s_hm, BM, BN, BK, B_KMAJOR, USE_TMA, EPILOGUE)
+    _row_tile(a_ptr, a_desc, b_ptr, b_desc, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, e, row0, row_end, pid % NB_N,
+              N, K, HALF, N_ROWS, s_am, s_be, s_bk, s_bn, s_cm, s_auxm, s_hm, s_drw,
+              BM, BN, BK, B_KMAJOR, USE_TMA, EPILOGUE, HAS_RW)
 
 
 @triton.jit
 def _rows_kernel_persistent(
-    a_ptr, a_desc, b_ptr, b_desc, c_ptr, aux_ptr, h_ptr, offs_ptr,
+    a_ptr, a_desc, b_ptr, b_desc, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, offs_ptr,
     E, N, K, NB_N, HALF, N_ROWS,
-    s_am, s_be, s_bk, s_bn, s_cm, s_auxm, s_hm,
+    s_am, s_be, s_bk, s_bn, s_cm, s_auxm, s_hm, s_drw,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, E_P2: tl.constexpr,
-    B_KMAJOR: tl.constexpr, USE_TMA: tl.constexpr, EPILOGUE: tl.constexpr,
+    B_KMAJOR: tl.constexpr, USE_TMA: tl.constexpr, EPILOGUE: tl.constexpr, HAS_RW: tl.constexpr,
 ):
     """``_rows_kernel`` with a fixed grid: each program takes every num_programs-th tile of the exact tile count,
     in one loop that Triton flattens with the k-loop and software-pipelines across tiles."""
@@ -224,8 +259,9 @@ def _rows_kernel_persistent(
     total = tl.sum(tiles, 0) * NB_N
     for work in tl.range(tl.program_id(0), total, tl.num_programs(0), flatten=True):
         e, row0, row_end = _locate(work // NB_N, idx, starts, ends, tiles, cum, BM)
-        _row_tile(a_ptr, a_desc, b_ptr, b_desc, c_ptr, aux_ptr, h_ptr, e, row0, row_end, work % NB_N, N, K, HALF,
-                  N_ROWS, s_am, s_be, s_bk, s_bn, s_cm, s_auxm, s_hm, BM, BN, BK, B_KMAJOR, USE_TMA, EPILOGUE)
+        _row_tile(a_ptr, a_desc, b_ptr, b_desc, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, e, row0, row_end,
+                  work % NB_N, N, K, HALF, N_ROWS, s_am, s_be, s_bk, s_bn, s_cm, s_auxm, s_hm, s_drw,
+                  BM, BN, BK, B_KMAJOR, USE_TMA, EPILOGUE, HAS_RW)
 
 
 @triton.jit
@@ -280,12 +316,14 @@ def _num_sms(device: torch.device) -> int:
 
 
 def grouped_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, cfg: TileConfig, *,
-                    epilogue: int = _PLAIN, aux: torch.Tensor | None = None,
+                    epilogue: int = _PLAIN, aux: torch.Tensor | None = None, row_weights: torch.Tensor | None = None,
                     tma: bool | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """a: [N, K] rows sorted by expert; b: [E, K, N'] (any strides with one contiguous dim); offs: [E] int32.
 
-    Returns [N, N'] (plain), ``(h13 [N, N'], h [N, N' / 2])`` (SwiGLU: b is w13 with its gate and up halves), or
-    the [N, N] gate/up gradients (SwiGLU backward: b is w2^T, aux the saved h13 [N, 2 * N']).
+    Returns [N, N'] (plain), ``(h13 [N, N'], h [N, N' / 2])`` (SwiGLU: b is w13 with its gate and up halves; h is
+    scaled by ``row_weights`` [N] float32 when given), or the [N, N] gate/up gradients (SwiGLU backward: b is w2^T,
+    aux the saved h13 [N, 2 * N']; with ``row_weights`` a is the gradient of the scaled h and the result is the pair
+    (gate/up gradients, row weight gradients [N] float32)).
     """
     a = a.contiguous()
     if b.stride(1) != 1 and b.stride(2) != 1:
@@ -300,6 +338,8 @@ def grouped_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, cfg: T
     c = a.new_empty(m, c_cols)
     h = a.new_empty(m, n) if epilogue == _SWIGLU else c
     aux = c if aux is None else aux.contiguous()
+    has_rw = row_weights is not None and epilogue != _PLAIN
+    rw = row_weights.float().contiguous() if has_rw else c
     a_desc = b_desc = None
     storage = b.transpose(1, 2) if b_kmajor else b
     storage = storage.reshape(-1, storage.shape[-1])  # a view when the weights are contiguous
@@ -308,20 +348,27 @@ def grouped_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, cfg: T
         a_desc = TensorDescriptor.from_tensor(a, [cfg.bm, cfg.bk])
         b_desc = TensorDescriptor.from_tensor(storage, [cfg.bn, cfg.bk] if b_kmajor else [cfg.bk, cfg.bn])
     nb_n = triton.cdiv(n, cfg.bn)
+    # Per row and column tile, that tile's share of the row weight's gradient (summed below: no atomics).
+    drw = a.new_empty(m, nb_n, dtype=torch.float32) if has_rw and epilogue == _SWIGLU_BWD else c
     tiles = (triton.cdiv(m, cfg.bm) + num_experts) * nb_n  # at least the row tiles any counts can need
     kernel = _rows_kernel
     if cfg.persistent:
         kernel, tiles = _rows_kernel_persistent, min(tiles, _num_sms(a.device))
     if m:
         kernel[(tiles,)](
-            a, a_desc, b, b_desc, c, aux, h, offs,
+            a, a_desc, b, b_desc, c, aux, h, rw, drw, offs,
             num_experts, n, k, nb_n, half, n_out,
             a.stride(0), b.stride(0), b.stride(1), b.stride(2), c.stride(0), aux.stride(0), h.stride(0),
+            drw.stride(0),
             BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, E_P2=_e_p2(num_experts),
-            B_KMAJOR=b_kmajor, USE_TMA=tma, EPILOGUE=epilogue,
+            B_KMAJOR=b_kmajor, USE_TMA=tma, EPILOGUE=epilogue, HAS_RW=has_rw,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-    return (c, h) if epilogue == _SWIGLU else c
+    if epilogue == _SWIGLU:
+        return c, h
+    if has_rw:
+        return c, drw.sum(1)
+    return c
 
 
 def grouped_wgrad(a: torch.Tensor, g: torch.Tensor, offs: torch.Tensor, cfg: TileConfig, *,
@@ -371,67 +418,82 @@ def weight_grad(a: torch.Tensor, g: torch.Tensor, offs: torch.Tensor, cfg: TileC
 
 
 def experts_forward(x: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                    configs: dict[str, TileConfig] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x: [N, D], offs: [E] int32, w13: [E, D, 2H], w2: [E, H, D] -> (y [N, D], h13 [N, 2H], h [N, H])."""
+                    row_weights: torch.Tensor | None = None, configs: dict[str, TileConfig] | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x: [N, D], offs: [E] int32, w13: [E, D, 2H], w2: [E, H, D], row_weights: [N] float32 or None
+    -> (y [N, D], h13 [N, 2H], h [N, H]); h is the (weighted) input of the down projection."""
     cfgs = configs or CONFIGS
-    h13, h = grouped_rows_mm(x, w13, offs, cfgs["fwd1"], epilogue=_SWIGLU)
+    h13, h = grouped_rows_mm(x, w13, offs, cfgs["fwd1"], epilogue=_SWIGLU, row_weights=row_weights)
     y = grouped_rows_mm(h, w2, offs, cfgs["fwd2"])
     return y, h13, h
 
 
 def experts_backward(dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                     h13: torch.Tensor, h: torch.Tensor, configs: dict[str, TileConfig] | None = None,
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dx [N, D], dw13 [E, D, 2H], dw2 [E, H, D]) from dy [N, D] and the forward's saved tensors."""
+                     h13: torch.Tensor, h: torch.Tensor, row_weights: torch.Tensor | None = None,
+                     configs: dict[str, TileConfig] | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradients (dx [N, D], dw13 [E, D, 2H], dw2 [E, H, D], d row_weights [N] or None) from dy [N, D] and the
+    forward's saved tensors."""
     cfgs = configs or CONFIGS
-    dh13 = grouped_rows_mm(dy, w2.transpose(1, 2), offs, cfgs["dgrad2"], epilogue=_SWIGLU_BWD, aux=h13)
+    drw = None
+    dh13 = grouped_rows_mm(dy, w2.transpose(1, 2), offs, cfgs["dgrad2"], epilogue=_SWIGLU_BWD, aux=h13,
+                           row_weights=row_weights)
+    if row_weights is not None:
+        dh13, drw = dh13
     dw2 = weight_grad(h, dy, offs, cfgs["wgrad2"], w2.dtype)
     dx = grouped_rows_mm(dh13, w13.transpose(1, 2), offs, cfgs["dgrad1"])
     dw13 = weight_grad(x, dh13, offs, cfgs["wgrad1"], w13.dtype)
-    return dx, dw13, dw2
+    return dx, dw13, dw2, drw
 
 
 # Custom ops keep torch.compile from tracing into the Triton launches (it sees one opaque op each way).
 @torch.library.custom_op("lightning_moe::triton_experts_fwd", mutates_args=())
-def _experts_fwd_op(x: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor,
-                    w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return experts_forward(x, offs, w13, w2)
+def _experts_fwd_op(x: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                    row_weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return experts_forward(x, offs, w13, w2, row_weights)
 
 
 @_experts_fwd_op.register_fake
-def _(x, offs, w13, w2):
+def _(x, offs, w13, w2, row_weights):
     n, hidden = x.shape[0], w2.shape[1]
     return x.new_empty(n, w2.shape[2]), x.new_empty(n, 2 * hidden), x.new_empty(n, hidden)
 
 
 @torch.library.custom_op("lightning_moe::triton_experts_bwd", mutates_args=())
 def _experts_bwd_op(dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                    h13: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return experts_backward(dy, x, offs, w13, w2, h13, h)
+                    h13: torch.Tensor, h: torch.Tensor, row_weights: torch.Tensor | None,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dw13, dw2, drw = experts_backward(dy, x, offs, w13, w2, h13, h, row_weights)
+    return dx, dw13, dw2, x.new_empty(0, dtype=torch.float32) if drw is None else drw  # ops return no None
 
 
 @_experts_bwd_op.register_fake
-def _(dy, x, offs, w13, w2, h13, h):
-    return torch.empty_like(x), torch.empty_like(w13), torch.empty_like(w2)
+def _(dy, x, offs, w13, w2, h13, h, row_weights):
+    drw = x.new_empty(0 if row_weights is None else x.shape[0], dtype=torch.float32)
+    return torch.empty_like(x), torch.empty_like(w13), torch.empty_like(w2), drw
 
 
 class _TritonExperts(torch.autograd.Function):
     """Returns only y, so autograd never materialises zero gradients for the saved h13 and h."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-        y, h13, h = _experts_fwd_op(x, offs, w13, w2)
-        ctx.save_for_backward(x, offs, w13, w2, h13, h)
+    def forward(ctx, x: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                row_weights: torch.Tensor | None) -> torch.Tensor:
+        y, h13, h = _experts_fwd_op(x, offs, w13, w2, row_weights)
+        ctx.save_for_backward(x, offs, w13, w2, h13, h, row_weights)
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x, offs, w13, w2, h13, h = ctx.saved_tensors
-        dx, dw13, dw2 = _experts_bwd_op(dy, x, offs, w13, w2, h13, h)
-        return dx, None, dw13, dw2
+        x, offs, w13, w2, h13, h, row_weights = ctx.saved_tensors
+        dx, dw13, dw2, drw = _experts_bwd_op(dy, x, offs, w13, w2, h13, h, row_weights)
+        return dx, None, dw13, dw2, None if row_weights is None else drw
 
 
-def triton_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """The expert kernel: x [N, D] sorted by expert, counts [E] -> [N, D] (see ``kernels.py``)."""
+def triton_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                   row_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The expert kernel: x [N, D] sorted by expert, counts [E], row_weights [N] or None -> [N, D] (``kernels.py``)."""
     offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
-    return _TritonExperts.apply(x, offs, w13.to(x.dtype), w2.to(x.dtype))
+    if row_weights is not None:
+        row_weights = row_weights.float()
+    return _TritonExperts.apply(x, offs, w13.to(x.dtype), w2.to(x.dtype), row_weights)

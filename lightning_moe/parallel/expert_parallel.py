@@ -275,6 +275,9 @@ class ExpertParallel(RoutedExperts):
                 for name in ("w13", "w2"):
                     rx.gather_rows_(getattr(self, name), src)
 
+    # The gate weights stay with the MoE layer's combine: they would have to travel with the dispatched rows.
+    takes_row_weights = False
+
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: [N, D] rows sorted by global expert; counts: [E] int64 rows per global expert -> [N, D], same order."""
         w13, w2 = self.local_weights()

@@ -129,3 +129,17 @@ def test_gpu_grouped_mm_fp32_falls_back_to_the_loop(seed, monkeypatch):
     with pytest.warns(UserWarning, match="bfloat16 only"):
         out = kernels.grouped_mm_experts(x, counts, w13, w2)
     torch.testing.assert_close(out, loop_experts(x, counts, w13, w2))
+
+
+@pytest.mark.parametrize("kernel", ["loop", "grouped_mm"])
+def test_row_weights_scale_each_rows_output(seed, kernel):
+    """kernel(..., row_weights) is row_weights[:, None] * kernel(...), with the row weights' gradients too."""
+    x, counts, w13, w2 = _inputs()
+    rw = torch.rand(x.shape[0], requires_grad=True)
+    out = KERNELS[kernel](x, counts, w13, w2, rw)
+    ref = loop_experts(x, counts, w13, w2) * rw.unsqueeze(-1)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, (x, w13, w2, rw), g)
+    for a, b in zip(grads, torch.autograd.grad(ref, (x, w13, w2, rw), g), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

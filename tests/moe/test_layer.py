@@ -57,6 +57,25 @@ def test_grouped_mm_layer_matches_loop_layer_with_gradients(seed):
         torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("kernel", ["grouped_mm", "loop"])
+def test_gate_weights_in_the_experts_match_the_weighted_combine(seed, kernel, monkeypatch):
+    """The default (gate weights scale the experts' SwiGLU outputs, the combine sums) against the weighted combine
+    of the expert outputs: same outputs and gradients, the router's included."""
+    moe = MoE(_cfg(expert_kernel=kernel, num_experts=8, top_k=3, score_func="sigmoid"))
+    x = torch.randn(3, 7, 16)
+    g = torch.randn_like(x)
+    results = []
+    for in_experts in (True, False):
+        monkeypatch.setattr(moe, "weights_in_experts", in_experts)
+        xi = x.clone().requires_grad_()
+        out = moe(xi)
+        results.append((out, *torch.autograd.grad(out, (xi, *moe.parameters()), g)))
+    names = ["out", "x", *(name for name, _ in moe.named_parameters())]
+    for name, a, b in zip(names, *results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert results[0][names.index("router.gate.weight")].abs().sum() > 0
+
+
 def test_aux_loss_reaches_the_router_through_the_output(seed):
     coef = 0.3
     moe = MoE(_cfg(aux_loss_coef=coef))

@@ -111,3 +111,18 @@ def test_compiled_gather_and_combine_match_reference(seed, dtype):
         grads = torch.autograd.grad(out, inputs, g64.to(dtype))
         for got, want in zip(grads, ref_grads, strict=True):
             close(got, want)
+
+
+def test_unweighted_combine_sums_each_tokens_rows(seed):
+    """combine(rows, perm, None): the plain sum (for rows the experts already weighted), gradients by gather."""
+    t, k, e, d = 11, 3, 5, 4
+    idx = torch.stack([torch.randperm(e)[:k] for _ in range(t)])
+    perm = permute(idx, e)
+    rows = torch.randn(t * k, d, requires_grad=True)
+    out = combine(rows, perm, None)
+    ref = combine(rows, perm, torch.ones(t, k))
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, rows, g)[0], torch.autograd.grad(ref, rows, g)[0])
+    with pytest.raises(ValueError, match="dropless"):
+        combine(rows[:5], permute(idx, e, capacity=1), None)

@@ -38,16 +38,21 @@ for tma, persistent in ((False, False), (True, False), (False, True), (True, Tru
     small = tg.TileConfig(16, 16, 16, 4, 2, persistent)
     tg.CONFIGS.update({name: small for name in tg.CONFIGS})
     for name, counts in cases.items():
-        x = torch.randn(int(counts.sum()), D, requires_grad=True)
-        w13 = (torch.randn(E, D, 2 * H) * D ** -0.5).requires_grad_()
-        w2 = (torch.randn(E, H, D) * H ** -0.5).requires_grad_()
-        dy = torch.randn(x.shape[0], D)
-        out = tg.triton_experts(x, counts, w13, w2)
-        grads = torch.autograd.grad(out, (x, w13, w2), dy)
-        ref = loop_experts(x, counts, w13, w2)
-        ref_grads = torch.autograd.grad(ref, (x, w13, w2), dy)
-        errs = [((a - b).norm() / b.norm()).item() for a, b in zip((out, *grads), (ref, *ref_grads))]
-        print("tma" if tma else "ptr", "persistent" if persistent else "tiles", name, *errs)
+        # Gate weights per row (the MoE layer's default) for one case: the row weights get gradients too.
+        for weighted in ((False, True) if name == "empty expert" else (False,)):
+            x = torch.randn(int(counts.sum()), D, requires_grad=True)
+            w13 = (torch.randn(E, D, 2 * H) * D ** -0.5).requires_grad_()
+            w2 = (torch.randn(E, H, D) * H ** -0.5).requires_grad_()
+            rw = torch.rand(x.shape[0], requires_grad=True) if weighted else None
+            inputs = (x, w13, w2, rw) if weighted else (x, w13, w2)
+            dy = torch.randn(x.shape[0], D)
+            out = tg.triton_experts(x, counts, w13, w2, rw)
+            grads = torch.autograd.grad(out, inputs, dy)
+            ref = loop_experts(x, counts, w13, w2, rw)
+            ref_grads = torch.autograd.grad(ref, inputs, dy)
+            errs = [((a - b).norm() / b.norm()).item() for a, b in zip((out, *grads), (ref, *ref_grads))]
+            label = name + (" weighted" if weighted else "")
+            print("tma" if tma else "ptr", "persistent" if persistent else "tiles", label, *errs)
 """
 
 
@@ -67,9 +72,10 @@ def test_triton_kernels_match_loop_in_interpreter(seed):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 8, proc.stdout
+    assert len(lines) == 12, proc.stdout
+    assert sum("weighted" in line for line in lines) == 4
     for line in lines:
-        errs = [float(v) for v in line.split()[-4:]]
+        errs = [float(v) for v in line.split()[-5 if "weighted" in line else -4:]]
         assert max(errs) < 1e-5, line
 
 
@@ -105,15 +111,18 @@ def test_gpu_triton_matches_loop_in_bf16(seed, monkeypatch, tma, wgrad, persiste
     configs = {name: dataclasses.replace(cfg, persistent=persistent) for name, cfg in tg.CONFIGS.items()}
     monkeypatch.setattr(tg, "CONFIGS", configs)
     x, counts, w13, w2 = _gpu_inputs(*shape)
-    out = tg.triton_experts(x, counts, w13, w2)
-    g = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (x, w13, w2), g)
-    ref = loop_experts(x.float(), counts, w13.float(), w2.float())
-    ref_grads = torch.autograd.grad(ref, (x, w13, w2), g.float())
-    assert _rel(out, ref) < 1e-2  # bf16 operands: a few 1e-3 relative
-    for a, b in zip(grads, ref_grads):
-        assert a.dtype == b.dtype == torch.bfloat16
-        assert _rel(a, b) < 2e-2
+    rw = torch.rand(x.shape[0], device="cuda", requires_grad=True)
+    for row_weights in (None, rw):
+        inputs = (x, w13, w2) if row_weights is None else (x, w13, w2, row_weights)
+        out = tg.triton_experts(x, counts, w13, w2, row_weights)
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, inputs, g)
+        ref = loop_experts(x.float(), counts, w13.float(), w2.float(), row_weights)
+        ref_grads = torch.autograd.grad(ref, inputs, g.float())
+        assert _rel(out, ref) < 1e-2  # bf16 operands: a few 1e-3 relative
+        for a, b, want in zip(grads, ref_grads, inputs):
+            assert a.dtype == b.dtype == want.dtype
+            assert _rel(a, b) < 2e-2
 
 
 @cuda
