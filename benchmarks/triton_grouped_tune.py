@@ -26,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_moe.moe import triton_grouped as tg  # noqa: E402
-from lightning_moe.moe.kernels import grouped_mm_experts, swiglu  # noqa: E402
+from lightning_moe.moe.kernels import grouped_mm_experts, scale_rows, swiglu  # noqa: E402
 
 # (bm, bn, bk, warps, stages). Three 128x128x64 stages (96 KB of shared memory) let two programs share an SM, so one's
 # epilogue overlaps the other's main loop; the larger tiles run one program per SM.
@@ -35,7 +35,8 @@ ROWS_SWEEP = [_C(128, 128, 64, 4, 3), _C(128, 128, 64, 8, 3), _C(128, 128, 64, 8
               _C(256, 128, 64, 8, 3), _C(64, 256, 64, 4, 3)]
 SWIGLU_SWEEP = [_C(128, 64, 64, 4, 3), _C(128, 64, 64, 8, 3), _C(128, 64, 64, 8, 4), _C(128, 128, 64, 8, 3),
                 _C(64, 128, 64, 4, 3), _C(128, 128, 64, 8, 4)]
-SWIGLU_BWD_SWEEP = ROWS_SWEEP + [_C(128, 128, 64, 8, 5)]
+SWIGLU_BWD_SWEEP = ROWS_SWEEP + [_C(128, 128, 64, 8, 5), _C(128, 64, 64, 4, 3), _C(128, 64, 64, 4, 4),
+                                  _C(128, 64, 64, 8, 4)]
 WGRAD_SWEEP = [_C(128, 128, 64, 4, 3), _C(128, 128, 64, 8, 3), _C(128, 128, 64, 8, 4), _C(128, 256, 64, 8, 3),
                _C(256, 128, 64, 8, 3)]
 
@@ -65,6 +66,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="first configuration of each sweep only")
     p.add_argument("--ops", default="fwd1,fwd2,dgrad2,dgrad1,wgrad2,wgrad1", help="which GEMMs to sweep")
     p.add_argument("--no-ptr", action="store_true", help="skip the pointer-load (no TMA) comparison")
+    p.add_argument("--no-row-weights", action="store_true", help="time fwd1 and dgrad2 without gate weights")
     p.add_argument("--persistent", choices=("both", "only", "off"), default="both",
                    help="row GEMMs: also sweep (both), only sweep (only) or skip (off) the persistent launch")
     p.add_argument("--out", default=".")
@@ -77,7 +79,7 @@ def main() -> None:
     if not on_gpu:
         global ROWS_SWEEP, SWIGLU_SWEEP, SWIGLU_BWD_SWEEP, WGRAD_SWEEP
         ROWS_SWEEP = SWIGLU_SWEEP = WGRAD_SWEEP = [_C(16, 16, 16, 4, 2), _C(32, 16, 16, 4, 2)]
-        SWIGLU_BWD_SWEEP = [_C(16, 16, 16, 4, 2), _C(32, 16, 16, 4, 2)]
+        SWIGLU_BWD_SWEEP = [_C(16, 16, 16, 4, 2), _C(32, 32, 16, 4, 2)]
     t, d, hid, e, k = args.tokens, args.dim, args.ffn, args.experts, args.topk
     n = t * k
     torch.manual_seed(0)
@@ -87,23 +89,29 @@ def main() -> None:
     x = torch.randn(n, d, device=dev, dtype=dt)
     w13 = torch.randn(e, d, 2 * hid, device=dev, dtype=dt) * d ** -0.5
     w2 = torch.randn(e, hid, d, device=dev, dtype=dt) * hid ** -0.5
+    # The MoE layer hands the Triton kernel the gate weights (kernels.FUSES_ROW_WEIGHTS): fwd1 scales h by them and
+    # dgrad2 also returns their gradient, so those two GEMMs are timed with row weights (--no-row-weights: without).
+    rw = None if args.no_row_weights else torch.rand(n, device=dev)
     h13 = F.grouped_mm(x, w13, offs=offs)
-    h = swiglu(h13)
+    h = scale_rows(swiglu(h13), rw)
     dy = torch.randn(n, d, device=dev, dtype=dt)
     dh = F.grouped_mm(dy, w2.transpose(1, 2), offs=offs)
-    h13_ = h13.detach().requires_grad_()
-    dh13 = torch.autograd.grad(swiglu(h13_), h13_, dh)[0]
 
     def swiglu_bwd():
         h13_ = h13.detach().requires_grad_()
-        return torch.autograd.grad(swiglu(h13_), h13_, dh)[0]
+        return torch.autograd.grad(scale_rows(swiglu(h13_), rw), h13_, dh)[0]
+
+    dh13 = swiglu_bwd()
+
+    def first(out):
+        return out[0] if isinstance(out, tuple) else out
 
     # name: (flops, grouped_mm fn, dense fn of the same total shape, triton fn(cfg), reference for triton, sweep)
     ops = {
         "fwd1": (2 * n * d * 2 * hid,
-                 lambda: swiglu(F.grouped_mm(x, w13, offs=offs)),
+                 lambda: scale_rows(swiglu(F.grouped_mm(x, w13, offs=offs)), rw),
                  lambda: x @ w13[0],
-                 lambda c: tg.grouped_rows_mm(x, w13, offs, c, epilogue=1)[1], h, SWIGLU_SWEEP),
+                 lambda c: tg.grouped_rows_mm(x, w13, offs, c, epilogue=1, row_weights=rw)[1], h, SWIGLU_SWEEP),
         "fwd2": (2 * n * hid * d,
                  lambda: F.grouped_mm(h, w2, offs=offs),
                  lambda: h @ w2[0],
@@ -111,7 +119,8 @@ def main() -> None:
         "dgrad2": (2 * n * d * hid,
                    lambda: (F.grouped_mm(dy, w2.transpose(1, 2), offs=offs), swiglu_bwd()),
                    lambda: dy @ w2[0].t(),
-                   lambda c: tg.grouped_rows_mm(dy, w2.transpose(1, 2), offs, c, epilogue=2, aux=h13), dh13,
+                   lambda c: first(tg.grouped_rows_mm(dy, w2.transpose(1, 2), offs, c, epilogue=2, aux=h13,
+                                                      row_weights=rw)), dh13,
                    SWIGLU_BWD_SWEEP),
         "dgrad1": (2 * n * 2 * hid * d,
                    lambda: F.grouped_mm(dh13, w13.transpose(1, 2), offs=offs),

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from lightning_moe.moe.kernels import get_kernel
+from lightning_moe.moe.kernels import FUSES_ROW_WEIGHTS, get_kernel
 
 
 class FeedForward(nn.Module):
@@ -41,8 +41,9 @@ class RoutedExperts(nn.Module):
     outputs (token dispatch/combine); the module itself does no communication.
     """
 
-    takes_row_weights = True
-    """Whether ``forward`` accepts ``row_weights`` (the MoE layer then leaves the gate weights to the kernel)."""
+    takes_row_weights = False
+    """Whether the MoE layer hands this module the gate weights as ``row_weights`` (set per kernel from
+    ``kernels.FUSES_ROW_WEIGHTS``; ``forward`` accepts them with every kernel)."""
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, kernel: str = "grouped_mm",
                  init_std: float = 0.02) -> None:
@@ -50,6 +51,7 @@ class RoutedExperts(nn.Module):
         self.num_experts, self.dim, self.hidden_dim = num_experts, dim, hidden_dim
         self.kernel_name = kernel
         self.kernel = get_kernel(kernel)
+        self.takes_row_weights = kernel in FUSES_ROW_WEIGHTS
         self.init_std = init_std
         self.w13 = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden_dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))

@@ -158,6 +158,12 @@ def triton_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2:
     return _triton_module().triton_experts(x, counts, w13, w2, row_weights)
 
 
+# Kernels to which the MoE layer hands the gate weights (``row_weights``). Triton applies them in its GEMM epilogues
+# and gets their gradient from values already in registers; under torch.compile, grouped_mm's SwiGLU backward plus
+# the gate weights' gradient became two passes over the [N, 2H] activations, which cost more than the weighted
+# combine saves (docs/moe_layer_benchmark.md), so the other kernels leave the weights to the combine.
+FUSES_ROW_WEIGHTS = frozenset({"triton"})
+
 KERNELS: dict[str, ExpertKernel] = {
     "loop": loop_experts,
     "grouped_mm": grouped_mm_experts,

@@ -45,8 +45,9 @@ class MoE(nn.Module):
     """
 
     weights_in_experts = True
-    """Dropless, with experts that take row weights: the gate weights scale the experts' SwiGLU outputs and the
-    combine sums (False: the combine weights the expert outputs; the same function, used as a reference)."""
+    """Dropless, with experts that take row weights (``RoutedExperts.takes_row_weights``): the gate weights scale
+    the experts' SwiGLU outputs and the combine sums. False: the combine weights the expert outputs (the same
+    function; a reference for tests and benchmarks)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

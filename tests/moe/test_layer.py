@@ -59,9 +59,10 @@ def test_grouped_mm_layer_matches_loop_layer_with_gradients(seed):
 
 @pytest.mark.parametrize("kernel", ["grouped_mm", "loop"])
 def test_gate_weights_in_the_experts_match_the_weighted_combine(seed, kernel, monkeypatch):
-    """The default (gate weights scale the experts' SwiGLU outputs, the combine sums) against the weighted combine
+    """Gate weights that scale the experts' SwiGLU outputs, with a plain-sum combine, against the weighted combine
     of the expert outputs: same outputs and gradients, the router's included."""
     moe = MoE(_cfg(expert_kernel=kernel, num_experts=8, top_k=3, score_func="sigmoid"))
+    moe.experts.takes_row_weights = True  # the default for the triton kernel only (kernels.FUSES_ROW_WEIGHTS)
     x = torch.randn(3, 7, 16)
     g = torch.randn_like(x)
     results = []
