@@ -88,10 +88,13 @@ def _sum_slots(rows: torch.Tensor, inverse: torch.Tensor, num_tokens: int) -> to
 def _rows_from_tokens(x: torch.Tensor, inverse: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
     """rows[inverse[t * K + k]] = x[t], i.e. x[token_index]: [T, D] -> [N = T * K, D] (dropless).
 
-    Written as a scatter from the tokens rather than a gather by ``token_index``, so each token row is read once
-    and written to its K routed rows: a gather reads every token row K times in expert order, from device memory
-    whenever x does not fit in the L2 cache, so it moves about twice the bytes. (``token_index`` is unused here; the
-    benchmark substitutes the gather form to compare.)"""
+    Under ``torch.compile`` this is a scatter from the tokens rather than a gather by ``token_index``, so each token
+    row is read once and written to its K routed rows: a gather reads every token row K times in expert order, from
+    device memory whenever x does not fit in the L2 cache, so it moves about twice the bytes (Inductor's kernel for
+    it took 0.26 ms against 0.17 on the benchmark layer). Eager mode keeps ``index_select``, whose kernel beats
+    eager advanced-index assignment."""
+    if not torch.compiler.is_compiling():
+        return x.index_select(0, token_index)
     t, d = x.shape
     rows = x.new_empty(inverse.numel(), d)
     rows[inverse.view(t, -1)] = x.unsqueeze(1)

@@ -67,9 +67,9 @@ class TileConfig:
 # Per GEMM of the expert forward/backward; tuned on an H100 (benchmarks/triton_grouped_tune.py). ``fwd1``'s ``bn``
 # is per SwiGLU half: the program computes a gate tile and an up tile of that width.
 CONFIGS: dict[str, TileConfig] = {
-    "fwd1": TileConfig(128, 128, 64, 8, 3),
+    "fwd1": TileConfig(128, 128, 64, 8, 4),
     "fwd2": TileConfig(128, 256, 64, 8, 3),
-    "dgrad2": TileConfig(128, 128, 64, 8, 4),
+    "dgrad2": TileConfig(128, 128, 64, 8, 5),
     "dgrad1": TileConfig(128, 256, 64, 8, 3),
     "wgrad2": TileConfig(128, 256, 64, 8, 3),
     "wgrad1": TileConfig(128, 256, 64, 8, 3),

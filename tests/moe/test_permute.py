@@ -119,10 +119,24 @@ def test_unweighted_combine_sums_each_tokens_rows(seed):
     idx = torch.stack([torch.randperm(e)[:k] for _ in range(t)])
     perm = permute(idx, e)
     rows = torch.randn(t * k, d, requires_grad=True)
-    out = combine(rows, perm, None)
     ref = combine(rows, perm, torch.ones(t, k))
-    torch.testing.assert_close(out, ref)
-    g = torch.randn_like(out)
-    torch.testing.assert_close(torch.autograd.grad(out, rows, g)[0], torch.autograd.grad(ref, rows, g)[0])
+    g = torch.randn_like(ref)
+    ref_grad = torch.autograd.grad(ref, rows, g)[0]
+    # Eager, and compiled (where the backward copies the token gradients to their rows with a scatter).
+    for fn in (combine, torch.compile(combine, fullgraph=True)):
+        out = fn(rows, perm, None)
+        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(torch.autograd.grad(out, rows, g)[0], ref_grad)
     with pytest.raises(ValueError, match="dropless"):
         combine(rows[:5], permute(idx, e, capacity=1), None)
+
+
+def test_compiled_rows_from_tokens_is_the_gather(seed):
+    """Under torch.compile the routed rows are written by a scatter from the tokens: the same rows as the gather."""
+    from lightning_moe.moe.permute import _rows_from_tokens, inverse_order
+
+    t, k, e, d = 17, 4, 6, 5
+    perm = permute(torch.stack([torch.randperm(e)[:k] for _ in range(t)]), e)
+    x = torch.randn(t, d)
+    compiled = torch.compile(_rows_from_tokens, fullgraph=True)(x, inverse_order(perm), perm.token_index)
+    assert torch.equal(compiled, x.index_select(0, perm.token_index))
