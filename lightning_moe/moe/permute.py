@@ -151,15 +151,15 @@ class _Combine(torch.autograd.Function):
         t, k = w.shape
         grad_rows = grad_w = None
         if _fusible(rows.dtype):
-            # Both gradients in row order from one gather of grad_out, so Inductor emits a single kernel that reads
-            # each row and its token's gradient once and writes grad_rows and the row's dot product; only the [N]
-            # dot products are then reordered into slots.
-            grad_tok = grad_out.index_select(0, token_index).float()  # [N, D]
+            # Both gradients in slot order from each token's gradient, read once for its K slots: the row gradients
+            # are scattered to their rows and the dot products gather the rows (a gather of grad_out in row order
+            # would read each token's gradient K times).
+            grad_tok = grad_out.float().unsqueeze(1)  # [T, 1, D]
             if ctx.needs_input_grad[0]:
-                w_rows = w.reshape(-1).index_select(0, slot_order).unsqueeze(-1)
-                grad_rows = (grad_tok * w_rows).to(rows.dtype)
+                grad_rows = rows.new_empty(rows.shape)
+                grad_rows[inverse.view(t, k)] = (grad_tok * w.unsqueeze(-1)).to(rows.dtype)
             if ctx.needs_input_grad[1]:
-                grad_w = (rows.float() * grad_tok).sum(-1).index_select(0, inverse).view(t, k)
+                grad_w = (rows.index_select(0, inverse).view(t, k, -1).float() * grad_tok).sum(-1)
             return grad_rows, grad_w, None, None, None
         if ctx.needs_input_grad[0]:
             w_rows = w.reshape(-1).index_select(0, slot_order).unsqueeze(-1)
