@@ -9,7 +9,10 @@ Two kernels cover the six GEMMs of a SwiGLU expert's forward and backward:
 - ``_rows_kernel``: ``out[rows of e] = a[rows of e] @ b[e]``, tiles over (expert, row tile, column tile); the forward
   GEMMs and both data gradients. Its epilogue can apply SwiGLU (the first GEMM then computes the gate and up tiles of
   the same columns and also writes ``silu(gate) * up``) or SwiGLU's backward (the data gradient of the second GEMM
-  reads the saved gate and up values and writes their gradients), so no separate elementwise pass runs.
+  reads the saved gate and up values and writes their gradients), so no separate elementwise pass runs. With row
+  weights (the MoE layer's gate weights) the first epilogue scales ``silu(gate) * up`` by them and the backward one
+  also returns their gradient. ``_rows_kernel_persistent`` is the same tile loop with one program per SM
+  (``TileConfig.persistent``; slower on the H100, see docs/moe_layer_benchmark.md).
 - ``_wgrad_kernel``: ``dw[e] = a[rows of e]^T @ g[rows of e]``, tiles over (expert, output tile); the weight gradients,
   reducing over each expert's rows. On sm_90+ the weight gradients use torch's ``grouped_mm`` instead (``WGRAD``).
 
