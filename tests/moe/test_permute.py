@@ -37,7 +37,8 @@ def test_capacity_drops_exactly_the_overflow(seed):
     perm = permute(idx, e, cap)
     full = torch.bincount(idx.flatten(), minlength=e)
     assert torch.equal(perm.counts, full.clamp(max=cap))
-    assert int(perm.dropped) == int((full - cap).clamp(min=0).sum()) == 20
+    # Expert 0 overflows by 20; another expert may overflow too (on about 3% of seeds one gets 21 or more of the 40).
+    assert int(perm.dropped) == int((full - cap).clamp(min=0).sum()) >= int(full[0] - cap) == 20
     # the first `cap` tokens (in token order) of an overflowing expert are kept
     kept_tokens_e0 = perm.token_index[idx.flatten()[perm.slot_order] == 0]
     assert torch.equal(kept_tokens_e0, torch.arange(cap))
