@@ -70,6 +70,4 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, row_weights: torch.Tensor | None = None) -> torch.Tensor:
         w13, w2 = self.local_weights()
-        if row_weights is None:
-            return self.kernel(x, counts, w13, w2)
         return self.kernel(x, counts, w13, w2, row_weights)

@@ -82,7 +82,7 @@ class MoE(nn.Module):
                 self.router.dropped_tokens += perm.dropped
         inverse = inverse_order(perm) if perm.dropless else None
         rows = gather_tokens(tokens, perm, inverse)
-        if perm.dropless and self.weights_in_experts and getattr(self.experts, "takes_row_weights", False):
+        if perm.dropless and self.weights_in_experts and self.experts.takes_row_weights:
             # The experts scale each row by its gate weight before their down projection, and the combine is a
             # plain sum: the gate weights' gradient comes out of the experts' backward, so the routed outputs
             # [N, D] need not be kept for it.

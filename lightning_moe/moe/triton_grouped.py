@@ -328,6 +328,8 @@ def grouped_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, cfg: T
     aux the saved h13 [N, 2 * N']; with ``row_weights`` a is the gradient of the scaled h and the result is the pair
     (gate/up gradients, row weight gradients [N] float32)).
     """
+    if row_weights is not None and epilogue == _PLAIN:
+        raise ValueError("row_weights apply to the SwiGLU epilogues only (the first GEMM and its data gradient)")
     a = a.contiguous()
     if b.stride(1) != 1 and b.stride(2) != 1:
         b = b.contiguous()
@@ -341,7 +343,7 @@ def grouped_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, cfg: T
     c = a.new_empty(m, c_cols)
     h = a.new_empty(m, n) if epilogue == _SWIGLU else c
     aux = c if aux is None else aux.contiguous()
-    has_rw = row_weights is not None and epilogue != _PLAIN
+    has_rw = row_weights is not None
     rw = row_weights.float().contiguous() if has_rw else c
     a_desc = b_desc = None
     storage = b.transpose(1, 2) if b_kmajor else b

@@ -173,3 +173,12 @@ def test_triton_missing_is_a_clear_error():
         pytest.skip("triton is installed")
     with pytest.raises(ImportError, match=r"model.expert_kernel=triton needs the `triton` package"):
         get_kernel("triton")
+
+
+@needs_triton
+def test_row_weights_on_a_plain_gemm_are_refused():
+    from lightning_moe.moe import triton_grouped as tg
+
+    a, b, offs = torch.randn(4, 8), torch.randn(2, 8, 8), torch.tensor([2, 4], dtype=torch.int32)
+    with pytest.raises(ValueError, match="SwiGLU epilogues only"):
+        tg.grouped_rows_mm(a, b, offs, tg.CONFIGS["fwd2"], row_weights=torch.rand(4))
