@@ -27,16 +27,31 @@ def decode_bytes(tokens) -> str:
     return bytes(int(t) for t in tokens).decode("utf-8", errors="replace")
 
 
-def _is_val_file(path: str, val_fraction: float) -> bool:
-    """Deterministic file-level split: a file is in validation if its path hashes below the fraction."""
-    digest = hashlib.sha256(path.encode()).digest()
-    return int.from_bytes(digest[:8], "little") / 2**64 < val_fraction
+def _key_hash(key: str) -> float:
+    """A file's place in [0, 1) for the file-level split, from its stable key."""
+    digest = hashlib.sha256(key.encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64
+
+
+def _glob_root(pattern: str) -> str:
+    """The leading directories of a glob pattern that hold no wildcard."""
+    parts = []
+    for part in Path(pattern).parts[:-1]:
+        if any(c in part for c in "*?["):
+            break
+        parts.append(part)
+    return os.path.abspath(os.path.join(*parts)) if parts else os.getcwd()
 
 
 def _read_files(files: list[tuple[str, Path]], max_bytes: int | None,
                 val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """files: (stable key, path) pairs, read in key order. Files are separated by a NUL byte."""
-    train, val, total = [], [], 0
+    """files: (stable key, path) pairs, read in key order. Files are separated by a NUL byte.
+
+    A file goes to validation when its key hashes below ``val_fraction``. Where that leaves one side empty (a few
+    files, or a fraction near 0 or 1), the file whose hash is nearest to the boundary moves across, so any two or
+    more files give a split, and the same keys always give the same split.
+    """
+    read, total = [], 0
     for key, path in sorted(files):
         try:
             data = path.read_bytes()
@@ -44,15 +59,22 @@ def _read_files(files: list[tuple[str, Path]], max_bytes: int | None,
             continue
         if not data:
             continue
-        (val if _is_val_file(key, val_fraction) else train).append(data + b"\0")
+        read.append((_key_hash(key), data + b"\0"))
         total += len(data) + 1
         if max_bytes is not None and total >= max_bytes:
             break
-    if not train or not val:
+    if len(read) < 2 or not 0 < val_fraction < 1:
         raise ConfigError(
-            f"data: found {len(train)} training and {len(val)} validation files; need at least one of each "
-            "(add files, or change data.val_fraction)"
+            f"data: found {len(read)} readable non-empty files and val_fraction={val_fraction}; a split needs at "
+            "least two files and 0 < val_fraction < 1 (add files, or change data.val_fraction)"
         )
+    is_val = [h < val_fraction for h, _ in read]
+    if not any(is_val):
+        is_val[min(range(len(read)), key=lambda i: read[i][0])] = True
+    elif all(is_val):
+        is_val[max(range(len(read)), key=lambda i: read[i][0])] = False
+    train = [data for (_, data), v in zip(read, is_val) if not v]
+    val = [data for (_, data), v in zip(read, is_val) if v]
     return (np.frombuffer(b"".join(train), dtype=np.uint8), np.frombuffer(b"".join(val), dtype=np.uint8))
 
 
@@ -76,11 +98,18 @@ def stdlib_source(max_bytes: int | None = 16_000_000, val_fraction: float = 0.05
 
 def text_files_source(pattern: str, max_bytes: int | None = None,
                       val_fraction: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
-    """UTF-8 text files matching a glob (``data.pattern='corpus/**/*.txt'``), split file by file."""
-    paths = [p for p in globlib.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)]
+    """UTF-8 text files matching a glob (``data.pattern='corpus/**/*.txt'``), split file by file.
+
+    Files are keyed by their path below the pattern's fixed leading directories, so the split does not change when
+    the corpus moves.
+    """
+    pattern = os.path.expanduser(pattern)
+    paths = [p for p in globlib.glob(pattern, recursive=True) if os.path.isfile(p)]
     if not paths:
         raise FileNotFoundError(f"data.pattern={pattern!r} matches no files")
-    return _read_files([(os.path.abspath(p), Path(p)) for p in paths], max_bytes, val_fraction)
+    root = _glob_root(pattern)
+    files = [(Path(os.path.relpath(os.path.abspath(p), root)).as_posix(), Path(p)) for p in paths]
+    return _read_files(files, max_bytes, val_fraction)
 
 
 def tokens_source(path: str, dtype: str = "uint16", val_path: str | None = None,

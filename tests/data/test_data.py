@@ -37,6 +37,28 @@ def test_text_files_and_tokens_sources(tmp_path):
     assert len(train) == 900 and int(val[0]) == 900 % 300
 
 
+def test_text_files_split_is_stable_across_locations_and_never_empty(tmp_path):
+    for where in ("a", "b/c"):
+        for i in range(12):
+            (tmp_path / where / "sub").mkdir(parents=True, exist_ok=True)
+            (tmp_path / where / "sub" / f"f{i}.txt").write_text(f"file {i}\n" * (i + 3))
+    split_a = text_files_source(str(tmp_path / "a" / "**" / "*.txt"), val_fraction=0.3)
+    split_b = text_files_source(str(tmp_path / "b/c" / "**" / "*.txt"), val_fraction=0.3)
+    assert all(np.array_equal(x, y) for x, y in zip(split_a, split_b))
+    # every file lands on exactly one side
+    texts = [decode_bytes(part).split("\0")[:-1] for part in split_a]
+    assert sorted(texts[0] + texts[1]) == sorted(f"file {i}\n" * (i + 3) for i in range(12))
+    for fraction in (1e-9, 1 - 1e-9):  # hashing alone would leave one side empty
+        train, val = text_files_source(str(tmp_path / "a" / "sub" / "*.txt"), val_fraction=fraction)
+        n_val = len(decode_bytes(val).split("\0")) - 1
+        assert n_val == (1 if fraction < 0.5 else 11) and len(train)
+    for fraction in (0.0, 1.0):
+        with pytest.raises(ConfigError, match="val_fraction"):
+            text_files_source(str(tmp_path / "a" / "sub" / "*.txt"), val_fraction=fraction)
+    with pytest.raises(ConfigError, match="at least two files"):
+        text_files_source(str(tmp_path / "a" / "sub" / "f0.txt"))
+
+
 def test_encode_decode_roundtrip():
     text = "héllo wörld"
     assert decode_bytes(encode_bytes(text)) == text
