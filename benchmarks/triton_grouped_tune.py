@@ -37,15 +37,6 @@ SWIGLU_SWEEP = [_C(128, 64, 64, 4, 3), _C(128, 64, 64, 8, 3), _C(128, 64, 64, 8,
                 _C(64, 128, 64, 4, 3), _C(128, 128, 64, 8, 4)]
 SWIGLU_BWD_SWEEP = ROWS_SWEEP + [_C(128, 128, 64, 8, 5), _C(128, 64, 64, 4, 3), _C(128, 64, 64, 4, 4),
                                   _C(128, 64, 64, 8, 4)]
-# Warp-specialised main loops (--ws). Triton 3.6 splits them into warp groups on sm_90 only with 4 warps, one MMA
-# warp group (benchmarks/triton_ws_check.py), so these tiles are those one warp group's registers hold.
-_WS = dict(warp_specialize=True)
-WS_SWEEPS = {
-    "fwd1": [_C(128, 64, 64, 4, s, **_WS) for s in (3, 4, 5)] + [_C(128, 128, 64, 4, 3, **_WS)],
-    "fwd2": [_C(128, 128, 64, 4, s, **_WS) for s in (3, 4, 5)] + [_C(128, 256, 64, 4, 3, **_WS)],
-    "dgrad2": [_C(128, 128, 64, 4, s, **_WS) for s in (3, 4)] + [_C(128, 64, 64, 4, 4, **_WS)],
-}
-WS_SWEEPS["dgrad1"] = WS_SWEEPS["fwd2"]
 WGRAD_SWEEP = [_C(128, 128, 64, 4, 3), _C(128, 128, 64, 8, 3), _C(128, 128, 64, 8, 4), _C(128, 256, 64, 8, 3),
                _C(256, 128, 64, 8, 3)]
 
@@ -59,13 +50,6 @@ def bench(fn) -> float:
     from triton.testing import do_bench  # noqa: PLC0415
 
     return do_bench(fn, warmup=25, rep=150, return_mode="median")
-
-
-def _was_partitioned(persistent: bool) -> bool:
-    """Whether the row GEMM compiled last was split into warp-group partitions (its TTGIR says so)."""
-    kernel = tg._rows_kernel_persistent if persistent else tg._rows_kernel
-    compiled = [c for cache in kernel.device_caches.values() for c in cache[0].values()]
-    return bool(compiled) and "ttg.warp_specialize" in compiled[-1].asm.get("ttgir", "")
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -82,7 +66,6 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="first configuration of each sweep only")
     p.add_argument("--current", action="store_true",
                    help="the configuration in triton_grouped.CONFIGS only (and its persistent variant)")
-    p.add_argument("--ws", action="store_true", help="also sweep warp-specialised row GEMMs (WS_SWEEPS)")
     p.add_argument("--ops", default="fwd1,fwd2,dgrad2,dgrad1,wgrad2,wgrad1", help="which GEMMs to sweep")
     p.add_argument("--no-ptr", action="store_true", help="skip the pointer-load (no TMA) comparison")
     p.add_argument("--no-row-weights", action="store_true", help="time fwd1 and dgrad2 without gate weights")
@@ -169,7 +152,6 @@ def main() -> None:
             print(f"{name:8s} {label:45s} {ms:8.3f} {flops / ms / 1e9:8.1f}", flush=True)
         configs = sweep[:1] if args.quick else sweep
         configs = [tg.CONFIGS[name]] if args.current else configs
-        configs = configs + (WS_SWEEPS.get(name, []) if args.ws and on_gpu else [])
         if not name.startswith("wgrad") and args.persistent != "off":
             persistent = [dataclasses.replace(c, persistent=True) for c in configs]
             configs = persistent if args.persistent == "only" else configs + persistent
@@ -177,8 +159,7 @@ def main() -> None:
         variants += [] if args.no_ptr else [(sweep[0], False)]
         for cfg, tma in variants:
             label = f"triton {cfg.bm}x{cfg.bn}x{cfg.bk} w{cfg.num_warps} s{cfg.num_stages}"
-            label += (" persistent" if cfg.persistent else "") + (" ws" if cfg.warp_specialize else "")
-            label += "" if tma else " ptr"
+            label += (" persistent" if cfg.persistent else "") + ("" if tma else " ptr")
             try:
                 def run(cfg=cfg, tma=tma, tri_fn=tri_fn):
                     saved = tg.use_tma
@@ -193,8 +174,6 @@ def main() -> None:
                 print(f"{name:8s} {label:45s} failed: {type(exc).__name__}: {str(exc)[:150]}", flush=True)
                 continue
             rec[label] = ms
-            if cfg.warp_specialize and on_gpu:
-                label += " [split]" if _was_partitioned(cfg.persistent) else " [not split]"
             print(f"{name:8s} {label:45s} {ms:8.3f} {flops / ms / 1e9:8.1f} {err:9.2e}", flush=True)
             if tma and err < (2e-2 if on_gpu else 1e-5) and (name not in best or ms < best[name]["ms"]):
                 best[name] = {"ms": ms, "cfg": list(dataclasses.astuple(cfg))}

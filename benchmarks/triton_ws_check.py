@@ -1,27 +1,26 @@
-"""Does this Triton warp-specialise a matmul loop on Hopper? A compile-only check (no GPU needed).
+"""Can this Triton warp-specialise a matmul loop on Hopper? Re-run after a Triton upgrade.
 
-    python benchmarks/triton_ws_check.py
+    python benchmarks/triton_ws_check.py          # compile only (CPU is fine): is the loop split into warp groups?
+    python benchmarks/triton_ws_check.py --run    # GPU: also run it, in a child process that is killed if it hangs
 
-Compiles one TMA matmul main loop, with and without ``tl.range(..., warp_specialize=True)``, for sm_90 (H100) and
-sm_100 (B200), and prints whether the compiler split it into warp-group partitions: a ``ttg.warp_specialize`` op in
-the TTGIR and ``setmaxnreg`` (register hand-off between the partitions) in the PTX. With Triton 3.6 the sm_90 loop
-keeps only the ``tt.warp_specialize`` attribute and compiles to the same code as without it, which is why the grouped
-GEMMs of ``lightning_moe.moe.triton_grouped`` do not ask for it (measured on an H100: within +-2% either way, see
-docs/moe_layer_benchmark.md). Re-run this after a Triton upgrade.
+One TMA matmul loop, with and without ``tl.range(..., warp_specialize=True)``, is compiled for sm_90 (H100) and
+sm_100 (B200). The loop counts as split when the TTGIR holds a ``ttg.warp_specialize`` op and the PTX hands registers
+between the partitions (``setmaxnreg``). Warp specialisation (TMA loads in one warp group, MMAs and the epilogue in
+others) is what the grouped GEMMs of ``lightning_moe.moe.triton_grouped`` lack to reach cuBLAS speed on Hopper; see
+docs/moe_layer_benchmark.md for what Triton 3.6 did with it.
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
+import subprocess
 import sys
-from pathlib import Path
 
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 @triton.jit
@@ -34,75 +33,74 @@ def _mm(a_desc, b_desc, c_ptr, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.
     tl.store(c_ptr + rows[:, None] * N + cols[None, :], acc.to(tl.bfloat16))
 
 
-def check(arch: int, ws: bool, num_warps: int, bn: int) -> dict:
-    bm, bk = 128, 64
-    signature = {"a_desc": f"tensordesc<bf16[{bm}, {bk}]>", "b_desc": f"tensordesc<bf16[{bk}, {bn}]>",
+BM, BN, BK = 128, 128, 64
+
+
+def compiled_split(arch: int, ws: bool, num_warps: int) -> tuple[bool, int]:
+    signature = {"a_desc": f"tensordesc<bf16[{BM}, {BK}]>", "b_desc": f"tensordesc<bf16[{BK}, {BN}]>",
                  "c_ptr": "*bf16", "N": "i32", "K": "i32",
                  "BM": "constexpr", "BN": "constexpr", "BK": "constexpr", "WS": "constexpr"}
-    src = ASTSource(_mm, signature=signature, constexprs={"BM": bm, "BN": bn, "BK": bk, "WS": ws})
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": 3})
-    ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
-    return {"partitions": "ttg.warp_specialize" in ttgir, "setmaxnreg": ptx.count("setmaxnreg"),
-            "ptx_lines": len(ptx.splitlines())}
+    src = ASTSource(_mm, signature=signature, constexprs={"BM": BM, "BN": BN, "BK": BK, "WS": ws})
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps,
+                                                                              "num_stages": 4})
+    return "ttg.warp_specialize" in kernel.asm["ttgir"], kernel.asm["ptx"].count("setmaxnreg")
 
 
-# The row GEMMs of the expert layer: (epilogue, row weights, b k-major), as the layer launches them.
-ROW_GEMMS = {"fwd1": (1, True, False), "fwd2": (0, False, False), "dgrad2": (2, True, True),
-             "dgrad1": (0, False, True)}
+def run_once(ws: bool, num_warps: int) -> None:
+    """On the GPU: time an 8192^3 bf16 matmul with this loop and check it against torch."""
+    import time  # noqa: PLC0415
 
+    import torch  # noqa: PLC0415
+    from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: PLC0415
 
-def check_rows_kernel(arch: int, op: str, cfg, persistent: bool) -> dict:
-    """Compile lightning_moe's grouped row GEMM as ``op`` runs it, with ``cfg``'s tiles and warp specialisation."""
-    from lightning_moe.moe import triton_grouped as tg  # noqa: PLC0415
+    m = n = k = 8192
+    a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
+    c = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    a_desc, b_desc = TensorDescriptor.from_tensor(a, [BM, BK]), TensorDescriptor.from_tensor(b, [BK, BN])
 
-    epilogue, has_rw, kmajor = ROW_GEMMS[op]
-    kernel = tg._rows_kernel_persistent if persistent else tg._rows_kernel
-    b_block = [cfg.bn, cfg.bk] if kmajor else [cfg.bk, cfg.bn]
-    signature = {name: "i32" for name in kernel.arg_names}
-    signature.update({name: "*bf16" for name in ("a_ptr", "b_ptr", "c_ptr", "aux_ptr", "h_ptr")})
-    signature.update(rw_ptr="*fp32", drw_ptr="*fp32", offs_ptr="*i32",
-                     a_desc=f"tensordesc<bf16[{cfg.bm}, {cfg.bk}]>", b_desc=f"tensordesc<bf16{b_block}>")
-    constexprs = {"BM": cfg.bm, "BN": cfg.bn, "BK": cfg.bk, "E_P2": 64, "B_KMAJOR": kmajor, "USE_TMA": True,
-                  "EPILOGUE": epilogue, "HAS_RW": has_rw, "WS": cfg.warp_specialize}
-    signature.update({name: "constexpr" for name in constexprs})
-    src = ASTSource(kernel, signature=signature, constexprs=constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    return {"partitions": "ttg.warp_specialize" in compiled.asm["ttgir"],
-            "setmaxnreg": compiled.asm["ptx"].count("setmaxnreg")}
+    def launch():
+        _mm[(m // BM, n // BN)](a_desc, b_desc, c, n, k, BM, BN, BK, ws, num_warps=num_warps, num_stages=4)
+
+    launch()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        launch()
+    torch.cuda.synchronize()
+    ms = (time.perf_counter() - t0) / 10 * 1e3
+    ref = (a @ b).float()
+    err = ((c.float() - ref).norm() / ref.norm()).item()
+    print(f"{ms:.3f} ms, {2 * m * n * k / ms / 1e9:.0f} TFLOP/s, rel err {err:.1e}")
 
 
 def main() -> None:
-    print(f"triton {triton.__version__}")
-    print(f"{'target':8s} {'tile':>8s} {'warps':>5s} {'warp_specialize':>15s} {'partitioned':>11s} "
-          f"{'setmaxnreg':>10s} {'PTX lines':>9s}")
-    for arch, warps, bn in itertools.product((90, 100), (4, 8), (128, 256)):
-        for ws in (False, True):
-            head = f"sm_{arch:<5d} {f'128x{bn}':>8s} {warps:5d} {str(ws):>15s}"
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", action="store_true", help="also run the sm_90 loops on this GPU (each in a child process)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds before a run counts as hung")
+    p.add_argument("--child", nargs=2, type=int, help=argparse.SUPPRESS)  # ws, num_warps: one run, in the child
+    args = p.parse_args()
+    if args.child:
+        run_once(bool(args.child[0]), args.child[1])
+        return
+    print(f"triton {triton.__version__}, tile {BM}x{BN}x{BK}")
+    print(f"{'target':7s} {'warps':>5s} {'warp_specialize':>15s} {'split':>6s} {'setmaxnreg':>10s}  run")
+    for arch, warps, ws in itertools.product((90, 100), (4, 8), (False, True)):
+        head = f"sm_{arch:<4d} {warps:5d} {str(ws):>15s}"
+        try:
+            split, nreg = compiled_split(arch, ws, warps)
+        except Exception as exc:  # an architecture this build cannot target
+            print(f"{head} compile failed: {type(exc).__name__}: {str(exc)[:100]}")
+            continue
+        result = ""
+        if args.run and arch == 90:
+            cmd = [sys.executable, __file__, "--child", str(int(ws)), str(warps)]
             try:
-                r = check(arch, ws, warps, bn)
-            except Exception as exc:  # an architecture or tile this build cannot compile
-                print(f"{head} failed: {type(exc).__name__}: {str(exc)[:100]}")
-                continue
-            print(f"{head} {str(r['partitions']):>11s} {r['setmaxnreg']:>10d} {r['ptx_lines']:>9d}")
-    print("\nlightning_moe row GEMMs, sm_90, warp_specialize=True")
-    print(f"{'gemm':8s} {'tile':>12s} {'warps':>5s} {'stages':>6s} {'persistent':>10s} {'partitioned':>11s} "
-          f"{'setmaxnreg':>10s}")
-    from lightning_moe.moe.triton_grouped import TileConfig  # noqa: PLC0415
-
-    for op in ROW_GEMMS:
-        bn = 64 if op == "fwd1" else 128  # fwd1 holds a gate and an up accumulator
-        for cfg, persistent in itertools.product([TileConfig(128, bn, 64, 4, 3, warp_specialize=True),
-                                                  TileConfig(128, bn, 64, 4, 4, warp_specialize=True)],
-                                                 (False, True)):
-            tile = f"{cfg.bm}x{cfg.bn}x{cfg.bk}"
-            head = f"{op:8s} {tile:>12s} {cfg.num_warps:5d} {cfg.num_stages:6d} {str(persistent):>10s}"
-            try:
-                r = check_rows_kernel(90, op, cfg, persistent)
-            except Exception as exc:
-                print(f"{head} failed: {type(exc).__name__}: {str(exc)[:120]}")
-                continue
-            print(f"{head} {str(r['partitions']):>11s} {r['setmaxnreg']:>10d}")
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                result = proc.stdout.strip() or f"failed: {proc.stderr.strip()[-200:]}"
+            except subprocess.TimeoutExpired:
+                result = f"HUNG (killed after {args.timeout:.0f} s)"
+        print(f"{head} {str(split):>6s} {nreg:10d}  {result}", flush=True)
 
 
 if __name__ == "__main__":

@@ -65,11 +65,6 @@ class TileConfig:
     """Row GEMMs only: one program per SM walks the tiles in a loop flattened with its k-loop, so the loads of the
     next tile are issued while this tile's epilogue runs (a one-tile-per-program launch drains its pipeline at each
     tile's end)."""
-    warp_specialize: bool = False
-    """Ask Triton to warp-specialise the main loop (``tl.range(..., warp_specialize=True)``): TMA loads in a producer
-    warp group, MMAs and the epilogue in the others. Persistent row GEMMs put it on the tile loop (not flattened),
-    so the loads of the next tile run during this tile's epilogue. Triton 3.6 does it on sm_90 only with 4 warps
-    (``benchmarks/triton_ws_check.py``)."""
 
 
 # Per GEMM of the expert forward/backward; tuned on an H100 (benchmarks/triton_grouped_tune.py). ``fwd1``'s ``bn``
@@ -104,10 +99,7 @@ def _expert_table(offs_ptr, E, BM: tl.constexpr, E_P2: tl.constexpr):
     ends = tl.load(offs_ptr + idx, mask=idx < E, other=0)
     starts = tl.load(offs_ptr + idx - 1, mask=(idx > 0) & (idx < E), other=0)
     tiles = (ends - starts + BM - 1) // BM
-    # The running count as a masked [E_P2, E_P2] sum rather than tl.cumsum: Triton 3.6's Hopper warp
-    # specialisation cannot partition a kernel that holds a scan.
-    cum = tl.sum(tl.where(idx[None, :] <= idx[:, None], tiles[None, :], 0), 1)
-    return idx, starts, ends, tiles, cum
+    return idx, starts, ends, tiles, tl.cumsum(tiles, 0)
 
 
 @triton.jit
@@ -147,7 +139,6 @@ def _row_tile(
     s_am, s_be, s_bk, s_bn, s_cm, s_auxm, s_hm, s_drw,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     B_KMAJOR: tl.constexpr, USE_TMA: tl.constexpr, EPILOGUE: tl.constexpr, HAS_RW: tl.constexpr,
-    WS: tl.constexpr,
 ):
     """One output tile: c[row0:row0+BM (< row_end), tile_n*BN:+BN] = a[rows] @ b[e] and its epilogue.
 
@@ -166,7 +157,7 @@ def _row_tile(
     rows64 = rows.to(tl.int64)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc_up = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in tl.range(0, K, BK, warp_specialize=WS):
+    for k0 in range(0, K, BK):
         if USE_TMA:
             # Rows past row_end belong to the next expert: they are multiplied but never stored.
             a = a_desc.load([row0, k0])
@@ -197,10 +188,6 @@ def _row_tile(
             w = tl.load(rw_ptr + rows64, mask=row_mask, other=0.0)
             h = h.to(h_ptr.dtype.element_ty).to(tl.float32) * w[:, None]
         tl.store(h_ptr + rows64[:, None] * s_hm + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
-    elif HAS_RW and WS:  # EPILOGUE 2 with row weights, whole tile: Hopper warp specialisation cannot split it
-        w = tl.load(rw_ptr + rows64, mask=row_mask, other=0.0)
-        part = _swiglu_backward(acc, w, rows64, row_mask, cols, N, HALF, c_ptr, aux_ptr, s_cm, s_auxm, True)
-        tl.store(drw_ptr + rows64 * s_drw + tile_n, part, mask=row_mask)
     elif HAS_RW:  # EPILOGUE 2 with row weights
         # Two column halves one after the other: the epilogue holds several tile-sized values per thread, and
         # halving them keeps it out of register spills.
@@ -248,22 +235,17 @@ def _rows_kernel(
     s_am, s_be, s_bk, s_bn, s_cm, s_auxm, s_hm, s_drw,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, E_P2: tl.constexpr,
     B_KMAJOR: tl.constexpr, USE_TMA: tl.constexpr, EPILOGUE: tl.constexpr, HAS_RW: tl.constexpr,
-    WS: tl.constexpr,
 ):
     """c[rows of e, :N] = a[rows of e] @ b[e] (b: [E, K, N] by strides; N_ROWS: b's full n extent), one program
     per output tile. The grid covers the most row tiles any counts can need; programs past the last one return."""
     pid = tl.program_id(0)
     idx, starts, ends, tiles, cum = _expert_table(offs_ptr, E, BM, E_P2)
     e, row0, row_end = _locate(pid // NB_N, idx, starts, ends, tiles, cum, BM)
-    if WS:
-        # Triton's Hopper warp specialisation fails on an early return: a program past the last tile runs an
-        # empty k-loop instead, and its epilogue stores nothing (row_end is 0 there).
-        K = tl.where(e < E, K, 0)
-    elif e >= E:
+    if e >= E:
         return
     _row_tile(a_ptr, a_desc, b_ptr, b_desc, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, e, row0, row_end, pid % NB_N,
               N, K, HALF, N_ROWS, s_am, s_be, s_bk, s_bn, s_cm, s_auxm, s_hm, s_drw,
-              BM, BN, BK, B_KMAJOR, USE_TMA, EPILOGUE, HAS_RW, WS)
+              BM, BN, BK, B_KMAJOR, USE_TMA, EPILOGUE, HAS_RW)
 
 
 @triton.jit
@@ -273,17 +255,16 @@ def _rows_kernel_persistent(
     s_am, s_be, s_bk, s_bn, s_cm, s_auxm, s_hm, s_drw,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, E_P2: tl.constexpr,
     B_KMAJOR: tl.constexpr, USE_TMA: tl.constexpr, EPILOGUE: tl.constexpr, HAS_RW: tl.constexpr,
-    WS: tl.constexpr,
 ):
     """``_rows_kernel`` with a fixed grid: each program takes every num_programs-th tile of the exact tile count,
     in one loop that Triton flattens with the k-loop and software-pipelines across tiles."""
     idx, starts, ends, tiles, cum = _expert_table(offs_ptr, E, BM, E_P2)
     total = tl.sum(tiles, 0) * NB_N
-    for work in tl.range(tl.program_id(0), total, tl.num_programs(0), flatten=not WS, warp_specialize=WS):
+    for work in tl.range(tl.program_id(0), total, tl.num_programs(0), flatten=True):
         e, row0, row_end = _locate(work // NB_N, idx, starts, ends, tiles, cum, BM)
         _row_tile(a_ptr, a_desc, b_ptr, b_desc, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, e, row0, row_end,
                   work % NB_N, N, K, HALF, N_ROWS, s_am, s_be, s_bk, s_bn, s_cm, s_auxm, s_hm, s_drw,
-                  BM, BN, BK, B_KMAJOR, USE_TMA, EPILOGUE, HAS_RW, False)
+                  BM, BN, BK, B_KMAJOR, USE_TMA, EPILOGUE, HAS_RW)
 
 
 @triton.jit
@@ -291,7 +272,7 @@ def _wgrad_kernel(
     a_ptr, a_desc, g_ptr, g_desc, c_ptr, offs_ptr,
     KA, NG, NB_I, NB_J,
     s_am, s_gm, s_ce, s_cr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_TMA: tl.constexpr, WS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """c[e] = a[rows of e]^T @ g[rows of e]; a: [N, KA], g: [N, NG], c: [E, KA, NG]. Experts without rows get 0."""
     pid = tl.program_id(0)
@@ -309,7 +290,7 @@ def _wgrad_kernel(
     if USE_TMA:
         # Whole BK-row chunks through TMA; the last partial chunk (rows of the next expert follow) by masked loads.
         n_full = (end - start) // BK
-        for it in tl.range(0, n_full, warp_specialize=WS):
+        for it in range(0, n_full):
             r0 = start + it * BK
             a = a_desc.load([r0, i0])
             g = g_desc.load([r0, j0])
@@ -385,7 +366,7 @@ def grouped_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, cfg: T
             a.stride(0), b.stride(0), b.stride(1), b.stride(2), c.stride(0), aux.stride(0), h.stride(0),
             drw.stride(0),
             BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, E_P2=_e_p2(num_experts),
-            B_KMAJOR=b_kmajor, USE_TMA=tma, EPILOGUE=epilogue, HAS_RW=has_rw, WS=cfg.warp_specialize,
+            B_KMAJOR=b_kmajor, USE_TMA=tma, EPILOGUE=epilogue, HAS_RW=has_rw,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     if epilogue == _SWIGLU:
@@ -412,7 +393,7 @@ def grouped_wgrad(a: torch.Tensor, g: torch.Tensor, offs: torch.Tensor, cfg: Til
         _wgrad_kernel[(num_experts * nb_i * nb_j,)](
             a, a_desc, g, g_desc, c, offs, ka, ng, nb_i, nb_j,
             a.stride(0), g.stride(0), c.stride(0), c.stride(1),
-            BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, USE_TMA=tma, WS=cfg.warp_specialize,
+            BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, USE_TMA=tma,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return c

@@ -32,12 +32,10 @@ from lightning_moe.moe.kernels import loop_experts
 torch.manual_seed(int(sys.argv[1]))
 E, D, H = 4, 32, 24  # H is not a multiple of the tile: the SwiGLU halves are masked
 cases = {"empty expert": torch.tensor([7, 0, 20, 1]), "one expert": torch.tensor([0, 0, 17, 0])}
-# One program per tile, and persistent programs (3 under the interpreter) that each loop over several tiles; the
-# warp-specialised forms have code of their own (no early return, whole-tile epilogue, unflattened tile loop).
-for tma, persistent, ws in ((False, False, False), (True, False, False), (False, True, False), (True, True, False),
-                            (True, False, True), (False, True, True)):
+# One program per tile, and persistent programs (3 under the interpreter) that each loop over several tiles.
+for tma, persistent in ((False, False), (True, False), (False, True), (True, True)):
     tg.use_tma = lambda device, tma=tma: tma
-    small = tg.TileConfig(16, 16, 16, 4, 2, persistent, ws)
+    small = tg.TileConfig(16, 16, 16, 4, 2, persistent)
     tg.CONFIGS.update({name: small for name in tg.CONFIGS})
     for name, counts in cases.items():
         # Gate weights per row (the MoE layer's default) for one case: the row weights get gradients too.
@@ -54,7 +52,7 @@ for tma, persistent, ws in ((False, False, False), (True, False, False), (False,
             ref_grads = torch.autograd.grad(ref, inputs, dy)
             errs = [((a - b).norm() / b.norm()).item() for a, b in zip((out, *grads), (ref, *ref_grads))]
             label = name + (" weighted" if weighted else "")
-            print("tma" if tma else "ptr", "persistent" if persistent else "tiles", "ws" if ws else "-", label, *errs)
+            print("tma" if tma else "ptr", "persistent" if persistent else "tiles", label, *errs)
 """
 
 
@@ -74,8 +72,8 @@ def test_triton_kernels_match_loop_in_interpreter(seed):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 18, proc.stdout
-    assert sum("weighted" in line for line in lines) == 6
+    assert len(lines) == 12, proc.stdout
+    assert sum("weighted" in line for line in lines) == 4
     for line in lines:
         errs = [float(v) for v in line.split()[-5 if "weighted" in line else -4:]]
         assert max(errs) < 1e-5, line
@@ -97,11 +95,11 @@ def _rel(a, b):
 
 @cuda
 @needs_triton
-@pytest.mark.parametrize("tma,wgrad,persistent,ws", [(True, "auto", False, False), (False, "auto", False, False),
-                                                     (True, "triton", False, False), (True, "auto", True, False),
-                                                     (False, "auto", True, False), (True, "triton", False, True)])
+@pytest.mark.parametrize("tma,wgrad,persistent", [(True, "auto", False), (False, "auto", False),
+                                                  (True, "triton", False), (True, "auto", True),
+                                                  (False, "auto", True)])
 @pytest.mark.parametrize("shape", [(8, 256, 136, 1000), (16, 512, 384, 3000)])
-def test_gpu_triton_matches_loop_in_bf16(seed, monkeypatch, tma, wgrad, persistent, ws, shape):
+def test_gpu_triton_matches_loop_in_bf16(seed, monkeypatch, tma, wgrad, persistent, shape):
     import dataclasses
 
     from lightning_moe.moe import triton_grouped as tg
@@ -111,9 +109,6 @@ def test_gpu_triton_matches_loop_in_bf16(seed, monkeypatch, tma, wgrad, persiste
     monkeypatch.setattr(tg, "use_tma", lambda device: tma)
     monkeypatch.setattr(tg, "WGRAD", wgrad)
     configs = {name: dataclasses.replace(cfg, persistent=persistent) for name, cfg in tg.CONFIGS.items()}
-    if ws:  # tiles that one MMA warp group holds: Triton 3.6 warp-specialises sm_90 loops with 4 warps only
-        configs = {name: dataclasses.replace(cfg, warp_specialize=True, num_warps=4, bn=64 if name == "fwd1" else 128)
-                   for name, cfg in configs.items()}
     monkeypatch.setattr(tg, "CONFIGS", configs)
     x, counts, w13, w2 = _gpu_inputs(*shape)
     rw = torch.rand(x.shape[0], device="cuda", requires_grad=True)
