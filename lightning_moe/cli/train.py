@@ -72,6 +72,10 @@ def build_strategy(cfg: DictConfig) -> Any:
 
 def build(cfg: DictConfig) -> tuple[pl.Trainer, MoELanguageModel, pl.LightningDataModule]:
     """Instantiate trainer, module and data from a composed config (also used by tests)."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{', '.join(missing)}: no value set (mandatory '???' in the config); set it on the command "
+                          f"line, e.g. {missing[0]}=...")
     model_cfg: ModelConfig = OmegaConf.to_object(cfg.model)
     optim_cfg: OptimizerConfig = OmegaConf.to_object(cfg.optimizer)
     if cfg.data.seq_len > model_cfg.max_seq_len:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lightning_moe.errors import ConfigError
+from lightning_moe.errors import ConfigError, DataNotFoundError
 
 BYTE_VOCAB_SIZE = 256
 
@@ -66,7 +66,7 @@ def _read_files(files: list[tuple[str, Path]], max_bytes: int | None,
     if len(read) < 2 or not 0 < val_fraction < 1:
         raise ConfigError(
             f"data: found {len(read)} readable non-empty files and val_fraction={val_fraction}; a split needs at "
-            "least two files and 0 < val_fraction < 1 (add files, or change data.val_fraction)"
+            "least two files and 0 < val_fraction < 1 (add files, or change data.source.val_fraction)"
         )
     is_val = [h < val_fraction for h, _ in read]
     if not any(is_val):
@@ -98,7 +98,7 @@ def stdlib_source(max_bytes: int | None = 16_000_000, val_fraction: float = 0.05
 
 def text_files_source(pattern: str, max_bytes: int | None = None,
                       val_fraction: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
-    """UTF-8 text files matching a glob (``data.pattern='corpus/**/*.txt'``), split file by file.
+    """UTF-8 text files matching a glob (``data.source.pattern='corpus/**/*.txt'``), split file by file.
 
     Files are keyed by their path below the pattern's fixed leading directories, so the split does not change when
     the corpus moves.
@@ -106,26 +106,31 @@ def text_files_source(pattern: str, max_bytes: int | None = None,
     pattern = os.path.expanduser(pattern)
     paths = [p for p in globlib.glob(pattern, recursive=True) if os.path.isfile(p)]
     if not paths:
-        raise FileNotFoundError(f"data.pattern={pattern!r} matches no files")
+        raise DataNotFoundError(f"data.source.pattern={pattern!r} matches no files")
     root = _glob_root(pattern)
     files = [(Path(os.path.relpath(os.path.abspath(p), root)).as_posix(), Path(p)) for p in paths]
     return _read_files(files, max_bytes, val_fraction)
 
 
-def tokens_source(path: str, dtype: str = "uint16", val_path: str | None = None,
-                  val_fraction: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+def tokens_source(path: str, dtype: str = "uint16", val_path: str | None = None, val_fraction: float = 0.05,
+                  max_bytes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Pre-tokenized ids in a flat binary file read through ``np.memmap`` (nanoGPT's ``train.bin`` format).
 
-    Without ``val_path`` the last ``val_fraction`` of the stream is held out.
+    Without ``val_path`` the last ``val_fraction`` of the stream is held out. ``max_bytes`` keeps the first that many
+    bytes of each file (as for the text sources: a quick run on part of a corpus).
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"data.path={path!r} does not exist")
-    train = np.memmap(path, dtype=np.dtype(dtype), mode="r")
+        raise DataNotFoundError(f"data.source.path={path!r} does not exist")
+    if max_bytes is not None and max_bytes < np.dtype(dtype).itemsize:
+        raise ConfigError(f"data.source.max_bytes={max_bytes}: must hold at least one {dtype} token")
+    limit = None if max_bytes is None else max_bytes // np.dtype(dtype).itemsize
+    train = np.memmap(path, dtype=np.dtype(dtype), mode="r")[:limit]
     if val_path is not None:
         if not os.path.isfile(val_path):
-            raise FileNotFoundError(f"data.val_path={val_path!r} does not exist")
-        return train, np.memmap(val_path, dtype=np.dtype(dtype), mode="r")
+            raise DataNotFoundError(f"data.source.val_path={val_path!r} does not exist")
+        return train, np.memmap(val_path, dtype=np.dtype(dtype), mode="r")[:limit]
     split = int(len(train) * (1 - val_fraction))
     if split <= 0 or split >= len(train):
-        raise ConfigError(f"data.path={path!r}: {len(train)} tokens cannot be split with val_fraction={val_fraction}")
+        raise ConfigError(f"data.source.path={path!r}: {len(train)} tokens cannot be split with "
+                          f"data.source.val_fraction={val_fraction}")
     return train[:split], train[split:]

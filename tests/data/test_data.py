@@ -35,6 +35,12 @@ def test_text_files_and_tokens_sources(tmp_path):
     ids.tofile(tmp_path / "train.bin")
     train, val = tokens_source(str(tmp_path / "train.bin"), val_fraction=0.1)
     assert len(train) == 900 and int(val[0]) == 900 % 300
+    train, val = tokens_source(str(tmp_path / "train.bin"), val_fraction=0.1, max_bytes=401)  # 200 uint16 ids
+    assert len(train) == 180 and list(val) == list(range(180, 200))
+    with pytest.raises(ConfigError, match="data.source.max_bytes"):
+        tokens_source(str(tmp_path / "train.bin"), max_bytes=1)
+    with pytest.raises(ConfigError, match="data.source.path"):  # also a FileNotFoundError
+        tokens_source(str(tmp_path / "missing.bin"))
 
 
 def test_text_files_split_is_stable_across_locations_and_never_empty(tmp_path):
