@@ -25,8 +25,6 @@ from lightning_moe.models.config import ModelConfig
 from lightning_moe.module import MoELanguageModel
 from lightning_moe.optim import OptimizerConfig
 
-UNIFORM_BYTE_LOSS = math.log(256)
-
 
 class RecordWandbRunId(Callback):
     """Stores the W&B run id in checkpoints, so that resuming with ``ckpt_path=`` continues the same W&B run."""
@@ -107,7 +105,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         if "val/loss" in metrics:
             print(f"final val/loss = {metrics['val/loss']:.4f} nats/token after {trainer.global_step} steps "
-                  f"(uniform-byte baseline ln 256 = {UNIFORM_BYTE_LOSS:.4f}); outputs in {out}")
+                  f"(uniform baseline ln {module.model_cfg.vocab_size} = {math.log(module.model_cfg.vocab_size):.4f}); "
+                  f"outputs in {out}")
     return metrics
 
 
