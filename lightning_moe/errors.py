@@ -5,5 +5,5 @@ class ConfigError(ValueError):
     """A configuration value that is well typed but not allowed. The message names the override key."""
 
 
-class DataNotFoundError(ConfigError, FileNotFoundError):
-    """A configured data file or pattern that finds nothing. The message names the override key."""
+class PathNotFoundError(ConfigError, FileNotFoundError):
+    """A configured file, folder or pattern that finds nothing. The message names the override key."""

@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import Callback, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_moe.cli import schema  # noqa: F401 - registers the structured-config schemas
-from lightning_moe.errors import ConfigError
+from lightning_moe.errors import ConfigError, PathNotFoundError
 from lightning_moe.models.config import ModelConfig
 from lightning_moe.module import MoELanguageModel
 from lightning_moe.optim import OptimizerConfig
@@ -94,6 +94,11 @@ def build(cfg: DictConfig) -> tuple[pl.Trainer, MoELanguageModel, pl.LightningDa
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train (and validate) as configured; returns the final metrics and writes them to ``metrics.json``."""
+    ckpt_path = cfg.get("ckpt_path")
+    # Lightning also takes the names "last", "best" and "hpc" (and "registry:..."), resolved by its callbacks.
+    if ckpt_path and str(ckpt_path) not in ("last", "best", "hpc") and not str(ckpt_path).startswith("registry"):
+        if not os.path.exists(os.path.expanduser(str(ckpt_path))):
+            raise PathNotFoundError(f"ckpt_path={str(ckpt_path)!r} does not exist")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     trainer, module, datamodule = build(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lightning_moe.errors import ConfigError, DataNotFoundError
+from lightning_moe.errors import ConfigError, PathNotFoundError
 
 BYTE_VOCAB_SIZE = 256
 
@@ -106,7 +106,7 @@ def text_files_source(pattern: str, max_bytes: int | None = None,
     pattern = os.path.expanduser(pattern)
     paths = [p for p in globlib.glob(pattern, recursive=True) if os.path.isfile(p)]
     if not paths:
-        raise DataNotFoundError(f"data.source.pattern={pattern!r} matches no files")
+        raise PathNotFoundError(f"data.source.pattern={pattern!r} matches no files")
     root = _glob_root(pattern)
     files = [(Path(os.path.relpath(os.path.abspath(p), root)).as_posix(), Path(p)) for p in paths]
     return _read_files(files, max_bytes, val_fraction)
@@ -120,14 +120,14 @@ def tokens_source(path: str, dtype: str = "uint16", val_path: str | None = None,
     bytes of each file (as for the text sources: a quick run on part of a corpus).
     """
     if not os.path.isfile(path):
-        raise DataNotFoundError(f"data.source.path={path!r} does not exist")
+        raise PathNotFoundError(f"data.source.path={path!r} does not exist")
     if max_bytes is not None and max_bytes < np.dtype(dtype).itemsize:
         raise ConfigError(f"data.source.max_bytes={max_bytes}: must hold at least one {dtype} token")
     limit = None if max_bytes is None else max_bytes // np.dtype(dtype).itemsize
     train = np.memmap(path, dtype=np.dtype(dtype), mode="r")[:limit]
     if val_path is not None:
         if not os.path.isfile(val_path):
-            raise DataNotFoundError(f"data.source.val_path={val_path!r} does not exist")
+            raise PathNotFoundError(f"data.source.val_path={val_path!r} does not exist")
         return train, np.memmap(val_path, dtype=np.dtype(dtype), mode="r")[:limit]
     split = int(len(train) * (1 - val_fraction))
     if split <= 0 or split >= len(train):

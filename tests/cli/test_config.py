@@ -65,6 +65,7 @@ def _cli(*args, cwd):
         ("model.dim=wide", "model.dim", True),  # wrong type
         ("recipe=nope", "recipe", True),  # unknown recipe
         ("data=text_files", "data.source.pattern", True),  # mandatory value left unset
+        ("ckpt_path=nope.ckpt", "ckpt_path", True),  # checkpoint to resume from that does not exist
         # Data is read in the data module's setup, after Lightning has printed its device lines.
         ("data=tokens data.source.path=nope.bin", "data.source.path", False),  # data file that does not exist
         ("recipe=tiny data=text_files data.source.pattern=nope/*.txt", "data.source.pattern", False),
