@@ -144,7 +144,11 @@ def config_error_message(err: BaseException) -> str | None:
         if isinstance(exc, OmegaConfBaseException) and getattr(exc, "full_key", None):
             detail = str(exc.msg if getattr(exc, "msg", None) else exc).splitlines()[0]
             if isinstance(exc, (ConfigKeyError, ConfigAttributeError)):
-                return f"{exc.full_key}: unknown key ({detail}; add a new key with +{exc.full_key}=...)"
+                hint = f"add a new key with +{exc.full_key}=..."
+                moe_strategy = "MoEStrategy" in str(getattr(exc, "object_type_str", ""))
+                if str(exc.full_key).startswith("strategy.") and not moe_strategy:
+                    hint = "the MoE strategy's keys (ep, pp, dp_shard, ...) need strategy=moe; " + hint
+                return f"{exc.full_key}: unknown key ({detail}; {hint})"
             return f"{exc.full_key}: {detail}"
     if isinstance(err, HydraException):
         text = str(err).split("Config search path")[0]

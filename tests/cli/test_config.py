@@ -66,6 +66,7 @@ def _cli(*args, cwd):
         ("recipe=nope", "recipe", True),  # unknown recipe
         ("data=text_files", "data.source.pattern", True),  # mandatory value left unset
         ("ckpt_path=nope.ckpt", "ckpt_path", True),  # checkpoint to resume from that does not exist
+        ("strategy.ep=2", "strategy=moe", True),  # a MoE strategy key without strategy=moe: the error says so
         # Data is read in the data module's setup, after Lightning has printed its device lines.
         ("data=tokens data.source.path=nope.bin", "data.source.path", False),  # data file that does not exist
         ("recipe=tiny data=text_files data.source.pattern=nope/*.txt", "data.source.pattern", False),
