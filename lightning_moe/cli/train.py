@@ -96,12 +96,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """Train (and validate) as configured; returns the final metrics and writes them to ``metrics.json``."""
     ckpt_path = cfg.get("ckpt_path")
     # Lightning also takes the names "last", "best" and "hpc" (and "registry:..."), resolved by its callbacks.
-    if ckpt_path and str(ckpt_path) not in ("last", "best", "hpc") and not str(ckpt_path).startswith("registry"):
-        if not os.path.exists(os.path.expanduser(str(ckpt_path))):
-            raise PathNotFoundError(f"ckpt_path={str(ckpt_path)!r} does not exist")
+    named = ckpt_path in ("last", "best", "hpc") or str(ckpt_path).startswith("registry")
+    if ckpt_path and not named and not os.path.exists(os.path.expanduser(str(ckpt_path))):
+        raise PathNotFoundError(f"ckpt_path={str(ckpt_path)!r} does not exist")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     trainer, module, datamodule = build(cfg)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     metrics["global_step"] = trainer.global_step
     if trainer.is_global_zero:
@@ -109,9 +109,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         if "val/loss" in metrics:
+            vocab = module.model_cfg.vocab_size
             print(f"final val/loss = {metrics['val/loss']:.4f} nats/token after {trainer.global_step} steps "
-                  f"(uniform baseline ln {module.model_cfg.vocab_size} = {math.log(module.model_cfg.vocab_size):.4f}); "
-                  f"outputs in {out}")
+                  f"(uniform baseline ln {vocab} = {math.log(vocab):.4f}); outputs in {out}")
     return metrics
 
 

@@ -121,14 +121,15 @@ def tokens_source(path: str, dtype: str = "uint16", val_path: str | None = None,
     """
     if not os.path.isfile(path):
         raise PathNotFoundError(f"data.source.path={path!r} does not exist")
-    if max_bytes is not None and max_bytes < np.dtype(dtype).itemsize:
+    token = np.dtype(dtype)
+    if max_bytes is not None and max_bytes < token.itemsize:
         raise ConfigError(f"data.source.max_bytes={max_bytes}: must hold at least one {dtype} token")
-    limit = None if max_bytes is None else max_bytes // np.dtype(dtype).itemsize
-    train = np.memmap(path, dtype=np.dtype(dtype), mode="r")[:limit]
+    limit = None if max_bytes is None else max_bytes // token.itemsize
+    train = np.memmap(path, dtype=token, mode="r")[:limit]
     if val_path is not None:
         if not os.path.isfile(val_path):
             raise PathNotFoundError(f"data.source.val_path={val_path!r} does not exist")
-        return train, np.memmap(val_path, dtype=np.dtype(dtype), mode="r")[:limit]
+        return train, np.memmap(val_path, dtype=token, mode="r")[:limit]
     split = int(len(train) * (1 - val_fraction))
     if split <= 0 or split >= len(train):
         raise ConfigError(f"data.source.path={path!r}: {len(train)} tokens cannot be split with "
