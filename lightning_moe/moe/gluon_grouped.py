@@ -1,0 +1,339 @@
+"""Warp-specialised grouped row GEMMs for Hopper, written in Gluon (``triton.experimental.gluon``).
+
+The same products as ``triton_grouped._rows_kernel`` (``out[rows of e] = a[rows of e] @ b[e]`` with the plain,
+SwiGLU and SwiGLU-backward epilogues), scheduled the way CUTLASS's "ping-pong" Hopper kernels are:
+
+- one persistent program per SM walks the output tiles (expert row tile x column tile) of a table built on the GPU;
+- a one-warp **producer** partition issues the TMA loads of every tile into a ring of shared-memory stages;
+- two four-warp **consumer** partitions take alternate tiles: while one runs its tile's MMAs (``wgmma``), the other
+  runs its epilogue (SwiGLU, stores), so the tensor cores do not wait for epilogues. An ordering barrier hands the
+  MMA turn from one consumer to the other, which also keeps their waits on the shared ring in step.
+
+The epilogue rounds the accumulator to 16 bits into shared memory and reads it back in row slices, so that the SwiGLU
+arithmetic holds few values per thread. Rows of a tile that belong to the next expert are computed but never stored
+(masked stores).
+
+Needs a Hopper GPU (sm_90) and Triton >= 3.6 with Gluon; ``triton_grouped.ROWS`` picks it (see ``use_gluon``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+_PLAIN, _SWIGLU, _SWIGLU_BWD = 0, 1, 2
+
+
+# ------------------------------------------------------------------------------------------------------------ tiles
+@triton.jit
+def _tile_table_kernel(offs_ptr, table_ptr, E, MAX_T, BM: tl.constexpr, E_P2: tl.constexpr, BT: tl.constexpr):
+    """table[0, t], table[1, t], table[2, t] = expert, first row, end row of row tile t (each expert owns
+    ceil(rows / BM) consecutive row tiles); table[3, 0] = the number of row tiles."""
+    idx = tl.arange(0, E_P2)
+    ends = tl.load(offs_ptr + idx, mask=idx < E, other=0)
+    starts = tl.load(offs_ptr + idx - 1, mask=(idx > 0) & (idx < E), other=0)
+    tiles = (ends - starts + BM - 1) // BM
+    cum = tl.cumsum(tiles, 0)
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    e = tl.sum((cum[None, :] <= t[:, None]).to(tl.int32), 1)
+    sel = idx[None, :] == e[:, None]
+    first_tile = tl.sum(tl.where(sel, (cum - tiles)[None, :], 0), 1)
+    start = tl.sum(tl.where(sel, starts[None, :], 0), 1)
+    end = tl.sum(tl.where(sel, ends[None, :], 0), 1)
+    ok = t < MAX_T
+    tl.store(table_ptr + t, e, mask=ok)
+    tl.store(table_ptr + MAX_T + t, start + (t - first_tile) * BM, mask=ok)
+    tl.store(table_ptr + 2 * MAX_T + t, end, mask=ok)
+    tl.store(table_ptr + 3 * MAX_T + t, tl.sum(tiles, 0) + 0 * t, mask=t == 0)
+
+
+def tile_table(offs: torch.Tensor, num_rows: int, bm: int) -> tuple[torch.Tensor, int]:
+    """[4, MAX_T] int32 tile table of ``offs`` (see ``_tile_table_kernel``); MAX_T bounds the row tiles any counts
+    of ``num_rows`` rows can need."""
+    num_experts = offs.shape[0]
+    max_t = triton.cdiv(num_rows, bm) + num_experts
+    table = torch.empty(4, max_t, dtype=torch.int32, device=offs.device)
+    bt = 128
+    _tile_table_kernel[(triton.cdiv(max_t, bt),)](offs, table, num_experts, max_t, BM=bm,
+                                                  E_P2=max(16, triton.next_power_of_2(num_experts)), BT=bt)
+    return table, max_t
+
+
+# ------------------------------------------------------------------------------------------------------ partitions
+@gluon.jit
+def _producer(a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_ptr, MAX_T, NB_N, K, HALF, N_ROWS,
+              EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr):
+    """TMA loads of every k-step of every tile of this program into the stage ring (one warp)."""
+    BK: gl.constexpr = a_desc.block_type.shape[1]
+    BN: gl.constexpr = b_desc.block_type.shape[0] if B_KMAJOR else b_desc.block_type.shape[1]
+    S: gl.constexpr = a_bufs.type.shape[0]
+    nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes * (2 if EPILOGUE == 1 else 1)
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    total = gl.load(table_ptr + 3 * MAX_T) * NB_N
+    ksteps = gl.cdiv(K, BK)
+    g = 0
+    for w in range(pid, total, nprog):
+        rt = w // NB_N
+        n0 = (w % NB_N) * BN
+        e = gl.load(table_ptr + rt)
+        row0 = gl.load(table_ptr + MAX_T + rt)
+        for kk in range(ksteps):
+            s = g % S
+            mbarrier.wait(empty.index(s), ((g // S) & 1) ^ 1)
+            bar = ready.index(s)
+            mbarrier.expect(bar, nbytes)
+            k0 = kk * BK
+            tma.async_copy_global_to_shared(a_desc, [row0, k0], bar, a_bufs.index(s))
+            if B_KMAJOR:
+                tma.async_copy_global_to_shared(b_desc, [e * N_ROWS + n0, k0], bar, b_bufs.index(s))
+            else:
+                tma.async_copy_global_to_shared(b_desc, [e * K + k0, n0], bar, b_bufs.index(s))
+            if EPILOGUE == 1:
+                tma.async_copy_global_to_shared(b_desc, [e * K + k0, HALF + n0], bar, u_bufs.index(s))
+            g += 1
+
+
+@gluon.jit
+def _mainloop(a_bufs, b_bufs, u_bufs, ready, empty, g0, ksteps, acc, acc_up,
+              EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr):
+    """acc (and acc_up for SwiGLU) = the tile's product over the stages of ring steps g0 .. g0 + ksteps - 1; each
+    stage is released as soon as the MMAs reading it have completed."""
+    S: gl.constexpr = a_bufs.type.shape[0]
+    for kk in range(ksteps):
+        g = g0 + kk
+        s = g % S
+        mbarrier.wait(ready.index(s), (g // S) & 1)
+        if B_KMAJOR:
+            acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, use_acc=kk > 0, is_async=True)
+        else:
+            acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s), acc, use_acc=kk > 0, is_async=True)
+        if EPILOGUE == 1:
+            acc_up = warpgroup_mma(a_bufs.index(s), u_bufs.index(s), acc_up, use_acc=kk > 0, is_async=True)
+            acc, acc_up = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc_up))
+        else:
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        mbarrier.arrive(empty.index((g + S - 1) % S), pred=kk > 0)
+    if EPILOGUE == 1:
+        acc, acc_up = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc_up))
+    else:
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    mbarrier.arrive(empty.index((g0 + ksteps - 1) % S))
+    return acc, acc_up
+
+
+@gluon.jit
+def _epilogue(epi_smem, up_smem, row0, row_end, n0, tn, N, HALF,
+              c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw,
+              EPILOGUE: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr, num_warps: gl.constexpr):
+    """Stores of one tile from its 16-bit copy in shared memory, SUB rows at a time."""
+    BM: gl.constexpr = epi_smem.type.shape[0]
+    BN: gl.constexpr = epi_smem.type.shape[1]
+    VEC: gl.constexpr = 8
+    TPW_N: gl.constexpr = BN // VEC if BN // VEC < 32 else 32
+    layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TPW_N, TPW_N], [num_warps, 1], [1, 0])
+    cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
+    col_ok = cols < N
+    for r in gl.static_range(BM // SUB):
+        rows = row0 + r * SUB + gl.arange(0, SUB, layout=gl.SliceLayout(1, layout))
+        row_ok = rows < row_end
+        rows64 = rows.to(gl.int64)
+        mask = row_ok[:, None] & col_ok[None, :]
+        v = epi_smem.slice(r * SUB, SUB, dim=0).load(layout)
+        c_ptrs = c_ptr + rows64[:, None] * s_cm + cols[None, :]
+        if EPILOGUE == 0:
+            gl.store(c_ptrs, v, mask=mask)
+        elif EPILOGUE == 1:
+            up = up_smem.slice(r * SUB, SUB, dim=0).load(layout)
+            gl.store(c_ptrs, v, mask=mask)
+            gl.store(c_ptrs + HALF, up, mask=mask)
+            g = v.to(gl.float32)
+            h = g / (1.0 + gl.exp(-g)) * up.to(gl.float32)
+            if HAS_RW:
+                w = gl.load(rw_ptr + rows64, mask=row_ok, other=0.0)
+                h = h.to(v.dtype).to(gl.float32) * w[:, None]
+            gl.store(h_ptr + rows64[:, None] * s_hm + cols[None, :], h.to(v.dtype), mask=mask)
+        else:
+            aux_ptrs = aux_ptr + rows64[:, None] * s_auxm + cols[None, :]
+            g = gl.load(aux_ptrs, mask=mask, other=0.0).to(gl.float32)
+            up = gl.load(aux_ptrs + HALF, mask=mask, other=0.0).to(gl.float32)
+            dh = v.to(gl.float32)
+            sig = 1.0 / (1.0 + gl.exp(-g))
+            if HAS_RW:
+                h = (g * sig * up).to(v.dtype).to(gl.float32)
+                part = gl.sum(gl.where(mask, dh * h, 0.0), 1)
+                gl.store(drw_ptr + rows64 * s_drw + tn, part, mask=row_ok)
+                w = gl.load(rw_ptr + rows64, mask=row_ok, other=0.0)
+                dh = (dh * w[:, None]).to(v.dtype).to(gl.float32)
+            d_gate = dh * up * sig * (1.0 + g * (1.0 - sig))
+            d_up = dh * g * sig
+            gl.store(c_ptrs, d_gate.to(v.dtype), mask=mask)
+            gl.store(c_ptrs + HALF, d_up.to(v.dtype), mask=mask)
+
+
+@gluon.jit
+def _consumer(c_id, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_smem, table_ptr, MAX_T, NB_N, K, N,
+              HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw,
+              EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr):
+    """Tiles c_id, c_id + 2, ... of this program (four warps): MMAs in turn with the other consumer, then the
+    epilogue while the other one multiplies."""
+    BM: gl.constexpr = a_bufs.type.shape[1]
+    BK: gl.constexpr = a_bufs.type.shape[2]
+    BN: gl.constexpr = epi_smem.type.shape[1]
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, BN, 16])
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    total = gl.load(table_ptr + 3 * MAX_T) * NB_N
+    ksteps = gl.cdiv(K, BK)
+    j = c_id  # index of the tile among this program's tiles
+    for w in range(pid + c_id * nprog, total, 2 * nprog):
+        rt = w // NB_N
+        tn = w % NB_N
+        row0 = gl.load(table_ptr + MAX_T + rt)
+        row_end = gl.load(table_ptr + 2 * MAX_T + rt)
+        # My MMA turn comes after the other consumer has issued the MMAs of tile j - 1.
+        q = j // 2
+        mbarrier.wait(order.index(c_id), (q - 1 + c_id) & 1, pred=j > 0)
+        acc = gl.zeros([BM, BN], gl.float32, mma_layout)
+        acc_up = gl.zeros([BM, BN], gl.float32, mma_layout)
+        acc, acc_up = _mainloop(a_bufs, b_bufs, u_bufs, ready, empty, j * ksteps, ksteps, acc, acc_up,
+                                EPILOGUE, B_KMAJOR)
+        mbarrier.arrive(order.index(1 - c_id))
+        epi_smem.store(acc.to(c_ptr.dtype.element_ty))
+        if EPILOGUE == 1:
+            up_smem.store(acc_up.to(c_ptr.dtype.element_ty))
+        gl.thread_barrier()
+        _epilogue(epi_smem, up_smem, row0, row_end, tn * BN, tn, N, HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr,
+                  s_cm, s_auxm, s_hm, s_drw, EPILOGUE, HAS_RW, SUB, 4)
+        gl.thread_barrier()
+        j += 2
+
+
+# Partition entry points: constexpr arguments must reach the partitions as named parameters (not inside a tuple).
+@gluon.jit
+def _consumer_default(a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_smem, table_ptr, MAX_T, NB_N, K, N,
+                      HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw,
+                      EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr):
+    _consumer(0, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_smem, table_ptr, MAX_T, NB_N, K, N, HALF,
+              c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, EPILOGUE, B_KMAJOR, HAS_RW, SUB)
+
+
+@gluon.jit
+def _consumer_worker(a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_smem, table_ptr, MAX_T, NB_N, K, N,
+                     HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw,
+                     EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr):
+    _consumer(1, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_smem, table_ptr, MAX_T, NB_N, K, N, HALF,
+              c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, EPILOGUE, B_KMAJOR, HAS_RW, SUB)
+
+
+@gluon.jit
+def _ws_rows_kernel(
+    a_desc, b_desc, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, table_ptr,
+    MAX_T, N, K, NB_N, HALF, N_ROWS, s_cm, s_auxm, s_hm, s_drw,
+    STAGES: gl.constexpr, EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, HAS_RW: gl.constexpr,
+    SUB: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+):
+    BM: gl.constexpr = a_desc.block_type.shape[0]
+    BN: gl.constexpr = b_desc.block_type.shape[0] if B_KMAJOR else b_desc.block_type.shape[1]
+    dtype: gl.constexpr = a_desc.dtype
+    a_bufs = gl.allocate_shared_memory(dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
+    if EPILOGUE == 1:
+        u_bufs = gl.allocate_shared_memory(dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
+    else:
+        u_bufs = b_bufs
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    order = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    for i in gl.static_range(2):
+        mbarrier.init(order.index(i), count=1)
+    epi_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BN], dtype)
+    epi0 = gl.allocate_shared_memory(dtype, [BM, BN], epi_layout)
+    epi1 = gl.allocate_shared_memory(dtype, [BM, BN], epi_layout)
+    if EPILOGUE == 1:
+        up0 = gl.allocate_shared_memory(dtype, [BM, BN], epi_layout)
+        up1 = gl.allocate_shared_memory(dtype, [BM, BN], epi_layout)
+    else:
+        up0 = epi0
+        up1 = epi1
+    fence_async_shared()
+
+    gl.warp_specialize([
+        (_consumer_default, (a_bufs, b_bufs, u_bufs, ready, empty, order, epi0, up0, table_ptr, MAX_T, NB_N, K, N,
+                             HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw,
+                             EPILOGUE, B_KMAJOR, HAS_RW, SUB)),
+        (_consumer_worker, (a_bufs, b_bufs, u_bufs, ready, empty, order, epi1, up1, table_ptr, MAX_T, NB_N, K, N,
+                            HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw,
+                            EPILOGUE, B_KMAJOR, HAS_RW, SUB)),
+        (_producer, (a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_ptr, MAX_T, NB_N, K, HALF, N_ROWS,
+                     EPILOGUE, B_KMAJOR)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+# ----------------------------------------------------------------------------------------------------------- launch
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def ws_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, bm: int = 128, bn: int = 128, bk: int = 64,
+               stages: int = 4, epilogue: int = _PLAIN, aux: torch.Tensor | None = None,
+               row_weights: torch.Tensor | None = None, sub: int = 32, consumer_regs: int = 232,
+               producer_regs: int = 40, maxnreg: int | None = 168, table: tuple[torch.Tensor, int] | None = None,
+               num_programs: int | None = None):
+    """``triton_grouped.grouped_rows_mm`` on the warp-specialised kernel (same arguments and results); ``bn`` is
+    per SwiGLU half for the SwiGLU epilogue."""
+    if row_weights is not None and epilogue == _PLAIN:
+        raise ValueError("row_weights apply to the SwiGLU epilogues only")
+    a = a.contiguous()
+    if b.stride(1) != 1 and b.stride(2) != 1:
+        b = b.contiguous()
+    m, k = a.shape
+    num_experts, _, n_out = b.shape
+    b_kmajor = b.stride(1) == 1 and b.stride(2) != 1
+    if epilogue == _SWIGLU and b_kmajor:
+        b = b.contiguous()
+        b_kmajor = False
+    n = n_out // 2 if epilogue == _SWIGLU else n_out
+    half = n if epilogue == _SWIGLU else n_out
+    c = a.new_empty(m, 2 * n if epilogue in (_SWIGLU, _SWIGLU_BWD) else n)
+    h = a.new_empty(m, n) if epilogue == _SWIGLU else c
+    aux = c if aux is None else aux.contiguous()
+    has_rw = row_weights is not None
+    rw = row_weights.float().contiguous() if has_rw else c
+    nb_n = triton.cdiv(n, bn)
+    drw = a.new_empty(m, nb_n, dtype=torch.float32) if has_rw and epilogue == _SWIGLU_BWD else c
+    if m:
+        gdt = gl.bfloat16 if a.dtype == torch.bfloat16 else gl.float16
+        storage = (b.transpose(1, 2) if b_kmajor else b).reshape(-1, b.shape[1] if b_kmajor else n_out)
+        a_desc = TensorDescriptor.from_tensor(a, [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk], gdt))
+        b_block = [bn, bk] if b_kmajor else [bk, bn]
+        b_desc = TensorDescriptor.from_tensor(storage, b_block, gl.NVMMASharedLayout.get_default_for(b_block, gdt))
+        tab, max_t = table if table is not None else tile_table(offs, m, bm)
+        grid = num_programs or _num_sms(a.device)
+        kwargs = {"maxnreg": maxnreg} if maxnreg else {}
+        _ws_rows_kernel[(grid,)](
+            a_desc, b_desc, c, aux, h, rw, drw, tab,
+            max_t, n, k, nb_n, half, n_out, c.stride(0), aux.stride(0), h.stride(0), drw.stride(0),
+            STAGES=stages, EPILOGUE=epilogue, B_KMAJOR=b_kmajor, HAS_RW=has_rw, SUB=sub,
+            CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, num_warps=4, **kwargs,
+        )
+    if epilogue == _SWIGLU:
+        return c, h
+    if has_rw:
+        return c, drw.sum(1)
+    return c
