@@ -57,6 +57,11 @@ def _calls(op, p, variant):
     from lightning_moe.moe import triton_grouped as tg  # noqa: PLC0415
 
     cfg = tg.CONFIGS
+    variant = dict(variant)
+    # Diagnostics: contig_b=1 hands the kernel b[e] stored [K, N] (not the transposed view); epi=0 runs the plain
+    # epilogue instead of SwiGLU's backward (the result then differs from the reference).
+    contig_b, epi = variant.pop("contig_b", 0), variant.pop("epi", None)
+    variant.pop("timing", None)
     x, w13, w2, offs, rw = p["x"], p["w13"], p["w2"], p["offs"], p["rw"]
     n, d, hid = p["n"], p["dim"], p["ffn"]
     if op == "fwd1":
@@ -68,12 +73,36 @@ def _calls(op, p, variant):
                 lambda: gg.ws_rows_mm(p["h"], w2, offs, **variant), 2 * n * hid * d)
     if op == "dgrad2":
         b = w2.transpose(1, 2)
+        bg = b.contiguous() if contig_b else b
+        gkw = {"epilogue": 2, "aux": p["h13"], "row_weights": rw} if epi is None else {"epilogue": epi}
         return (lambda: tg.grouped_rows_mm(p["dy"], b, offs, cfg["dgrad2"], epilogue=2, aux=p["h13"], row_weights=rw),
-                lambda: gg.ws_rows_mm(p["dy"], b, offs, epilogue=2, aux=p["h13"], row_weights=rw, **variant),
-                2 * n * d * hid)
+                lambda: gg.ws_rows_mm(p["dy"], bg, offs, **gkw, **variant), 2 * n * d * hid)
     b = w13.transpose(1, 2)
+    bg = b.contiguous() if contig_b else b
     return (lambda: tg.grouped_rows_mm(p["dh13"], b, offs, cfg["dgrad1"]),
-            lambda: gg.ws_rows_mm(p["dh13"], b, offs, **variant), 2 * n * 2 * hid * d)
+            lambda: gg.ws_rows_mm(p["dh13"], bg, offs, **variant), 2 * n * 2 * hid * d)
+
+
+def _timeline(op, p, variant):
+    """Program 0's consumers, median over its tiles 4..63 (microseconds): waiting for the MMA turn, MMAs, epilogue."""
+    import torch  # noqa: PLC0415
+
+    buf = torch.zeros(64 * 4, dtype=torch.int64, device="cuda")
+    import lightning_moe.moe.gluon_grouped as gg  # noqa: PLC0415
+
+    real = gg.ws_rows_mm
+    gg.ws_rows_mm = lambda *a, **kw: real(*a, **{**kw, "timing": buf})
+    try:
+        _, fn, _ = _calls(op, p, variant)
+        fn()
+        torch.cuda.synchronize()
+    finally:
+        gg.ws_rows_mm = real
+    t = buf.view(64, 4).double().cpu() / 1e3
+    t = t[4:][t[4:, 3] > 0]
+    return {"wait_us": t[:, 1].sub(t[:, 0]).median().item(), "mma_us": t[:, 2].sub(t[:, 1]).median().item(),
+            "epilogue_us": t[:, 3].sub(t[:, 2]).median().item(),
+            "period_us": t[1:, 1].sub(t[:-1, 1]).median().item(), "tiles": int(t.shape[0])}
 
 
 def _rel(a, b):
@@ -83,6 +112,8 @@ def _rel(a, b):
 def _compare(ref, out):
     ref = ref if isinstance(ref, tuple) else (ref,)
     out = out if isinstance(out, tuple) else (out,)
+    if len(out) != len(ref):
+        return float("nan")
     return max(_rel(o, r) for o, r in zip(out, ref, strict=True))
 
 
@@ -108,11 +139,18 @@ def child(op: str, variants: list[dict], shape: dict) -> None:
         ms = do_bench(fn_big, warmup=25, rep=200, return_mode="median")
         print(json.dumps({"op": op, "variant": v, "ms": ms, "tflops": flops / ms / 1e9, "err_small": err_small,
                           "err_big": err_big, "vs_triton": ms_ref / ms}), flush=True)
+        if v.get("timing"):
+            print(json.dumps({"op": op, "variant": v, "timeline": _timeline(op, big, v)}), flush=True)
 
 
-def _parse_variants(text: str) -> list[dict]:
+def _parse_variants(text: str, op: str) -> list[dict]:
+    """';'-separated variants, each 'key=int,...' or 'op+op@key=int,...' (only for those GEMMs)."""
     out = []
     for part in text.split(";"):
+        if "@" in part:
+            ops, part = part.split("@")
+            if op not in ops.split("+"):
+                continue
         v = {}
         for kv in filter(None, part.split(",")):
             key, val = kv.split("=")
@@ -124,16 +162,16 @@ def _parse_variants(text: str) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ops", default=",".join(OPS))
-    p.add_argument("--variants", default="", help="';'-separated variants, each 'key=int,key=int' for ws_rows_mm")
+    p.add_argument("--variants", default="",
+                   help="';'-separated variants of ws_rows_mm's keywords, 'key=int,key=int' or 'fwd1+fwd2@key=int'")
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--out", default=None, help="also write the table here (markdown)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     shape = dict(n_tokens=args.tokens, dim=2048, ffn=1408, experts=64, topk=6)
-    variants = _parse_variants(args.variants)
     if args.child:
-        child(args.child, variants, shape)
+        child(args.child, _parse_variants(args.variants, args.child), shape)
         return
     rows = []
     for op in args.ops.split(","):

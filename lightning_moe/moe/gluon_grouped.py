@@ -72,6 +72,13 @@ def tile_table(offs: torch.Tensor, num_rows: int, bm: int) -> tuple[torch.Tensor
 
 # ------------------------------------------------------------------------------------------------------ partitions
 @gluon.jit
+def _now(dep):
+    """The GPU's nanosecond timer (``dep`` orders the read after the value it depends on)."""
+    return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [dep], dtype=gl.int64, is_pure=False,
+                                     pack=1)
+
+
+@gluon.jit
 def _producer(a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_ptr, MAX_T, NB_N, K, HALF, N_ROWS,
               EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr):
     """TMA loads of every k-step of every tile of this program into the stage ring (one warp)."""
@@ -84,11 +91,17 @@ def _producer(a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_ptr, M
     total = gl.load(table_ptr + 3 * MAX_T) * NB_N
     ksteps = gl.cdiv(K, BK)
     g = 0
+    # The next tile's table entries are loaded one tile ahead, so their latency does not stall the ring.
+    rt = gl.minimum(pid // NB_N, MAX_T - 1)
+    e_next = gl.load(table_ptr + rt)
+    row0_next = gl.load(table_ptr + MAX_T + rt)
     for w in range(pid, total, nprog):
-        rt = w // NB_N
         n0 = (w % NB_N) * BN
-        e = gl.load(table_ptr + rt)
-        row0 = gl.load(table_ptr + MAX_T + rt)
+        e = e_next
+        row0 = row0_next
+        rt = gl.minimum((w + nprog) // NB_N, MAX_T - 1)
+        e_next = gl.load(table_ptr + rt)
+        row0_next = gl.load(table_ptr + MAX_T + rt)
         for kk in range(ksteps):
             s = g % S
             mbarrier.wait(empty.index(s), ((g // S) & 1) ^ 1)
@@ -184,8 +197,9 @@ def _epilogue(epi_smem, up_smem, row0, row_end, n0, tn, N, HALF,
 
 @gluon.jit
 def _consumer(c_id, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_smem, table_ptr, MAX_T, NB_N, K, N,
-              HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw,
-              EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr):
+              HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
+              EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr,
+              TIMING: gl.constexpr):
     """Tiles c_id, c_id + 2, ... of this program (four warps): MMAs in turn with the other consumer, then the
     epilogue while the other one multiplies."""
     BM: gl.constexpr = a_bufs.type.shape[1]
@@ -205,12 +219,18 @@ def _consumer(c_id, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_sm
         row_end = gl.load(table_ptr + 2 * MAX_T + rt)
         # My MMA turn comes after the other consumer has issued the MMAs of tile j - 1.
         q = j // 2
+        if TIMING:
+            t0 = _now(j)
         mbarrier.wait(order.index(c_id), (q - 1 + c_id) & 1, pred=j > 0)
+        if TIMING:
+            t1 = _now(j)
         acc = gl.zeros([BM, BN], gl.float32, mma_layout)
         acc_up = gl.zeros([BM, BN], gl.float32, mma_layout)
         acc, acc_up = _mainloop(a_bufs, b_bufs, u_bufs, ready, empty, j * ksteps, ksteps, acc, acc_up,
                                 EPILOGUE, B_KMAJOR)
         mbarrier.arrive(order.index(1 - c_id))
+        if TIMING:
+            t2 = _now(j)
         epi_smem.store(acc.to(c_ptr.dtype.element_ty))
         if EPILOGUE == 1:
             up_smem.store(acc_up.to(c_ptr.dtype.element_ty))
@@ -218,32 +238,44 @@ def _consumer(c_id, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_sm
         _epilogue(epi_smem, up_smem, row0, row_end, tn * BN, tn, N, HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr,
                   s_cm, s_auxm, s_hm, s_drw, EPILOGUE, HAS_RW, SUB, 4)
         gl.thread_barrier()
+        if TIMING:
+            # Program 0's first 64 tiles: [tile, (before the turn, turn, MMAs done, epilogue done)] in ns.
+            t3 = _now(j)
+            ok = (pid == 0) & (j < 64)
+            gl.store(dbg_ptr + j * 4, t0, mask=ok)
+            gl.store(dbg_ptr + j * 4 + 1, t1, mask=ok)
+            gl.store(dbg_ptr + j * 4 + 2, t2, mask=ok)
+            gl.store(dbg_ptr + j * 4 + 3, t3, mask=ok)
         j += 2
 
 
 # Partition entry points: constexpr arguments must reach the partitions as named parameters (not inside a tuple).
 @gluon.jit
 def _consumer_default(a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_smem, table_ptr, MAX_T, NB_N, K, N,
-                      HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw,
-                      EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr):
+                      HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
+                      EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr,
+                      TIMING: gl.constexpr):
     _consumer(0, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_smem, table_ptr, MAX_T, NB_N, K, N, HALF,
-              c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, EPILOGUE, B_KMAJOR, HAS_RW, SUB)
+              c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr, EPILOGUE, B_KMAJOR, HAS_RW,
+              SUB, TIMING)
 
 
 @gluon.jit
 def _consumer_worker(a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_smem, table_ptr, MAX_T, NB_N, K, N,
-                     HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw,
-                     EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr):
+                     HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
+                     EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr,
+                     TIMING: gl.constexpr):
     _consumer(1, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_smem, table_ptr, MAX_T, NB_N, K, N, HALF,
-              c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, EPILOGUE, B_KMAJOR, HAS_RW, SUB)
+              c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr, EPILOGUE, B_KMAJOR, HAS_RW,
+              SUB, TIMING)
 
 
 @gluon.jit
 def _ws_rows_kernel(
-    a_desc, b_desc, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, table_ptr,
+    a_desc, b_desc, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, table_ptr, dbg_ptr,
     MAX_T, N, K, NB_N, HALF, N_ROWS, s_cm, s_auxm, s_hm, s_drw,
     STAGES: gl.constexpr, EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, HAS_RW: gl.constexpr,
-    SUB: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+    SUB: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, TIMING: gl.constexpr,
 ):
     BM: gl.constexpr = a_desc.block_type.shape[0]
     BN: gl.constexpr = b_desc.block_type.shape[0] if B_KMAJOR else b_desc.block_type.shape[1]
@@ -275,11 +307,11 @@ def _ws_rows_kernel(
 
     gl.warp_specialize([
         (_consumer_default, (a_bufs, b_bufs, u_bufs, ready, empty, order, epi0, up0, table_ptr, MAX_T, NB_N, K, N,
-                             HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw,
-                             EPILOGUE, B_KMAJOR, HAS_RW, SUB)),
+                             HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
+                             EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING)),
         (_consumer_worker, (a_bufs, b_bufs, u_bufs, ready, empty, order, epi1, up1, table_ptr, MAX_T, NB_N, K, N,
-                            HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw,
-                            EPILOGUE, B_KMAJOR, HAS_RW, SUB)),
+                            HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
+                            EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING)),
         (_producer, (a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_ptr, MAX_T, NB_N, K, HALF, N_ROWS,
                      EPILOGUE, B_KMAJOR)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -294,7 +326,7 @@ def ws_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, bm: int 
                stages: int = 4, epilogue: int = _PLAIN, aux: torch.Tensor | None = None,
                row_weights: torch.Tensor | None = None, sub: int = 32, consumer_regs: int = 232,
                producer_regs: int = 40, maxnreg: int | None = 168, table: tuple[torch.Tensor, int] | None = None,
-               num_programs: int | None = None):
+               num_programs: int | None = None, timing: torch.Tensor | None = None):
     """``triton_grouped.grouped_rows_mm`` on the warp-specialised kernel (same arguments and results); ``bn`` is
     per SwiGLU half for the SwiGLU epilogue."""
     if row_weights is not None and epilogue == _PLAIN:
@@ -327,10 +359,11 @@ def ws_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, bm: int 
         grid = num_programs or _num_sms(a.device)
         kwargs = {"maxnreg": maxnreg} if maxnreg else {}
         _ws_rows_kernel[(grid,)](
-            a_desc, b_desc, c, aux, h, rw, drw, tab,
+            a_desc, b_desc, c, aux, h, rw, drw, tab, c if timing is None else timing,
             max_t, n, k, nb_n, half, n_out, c.stride(0), aux.stride(0), h.stride(0), drw.stride(0),
             STAGES=stages, EPILOGUE=epilogue, B_KMAJOR=b_kmajor, HAS_RW=has_rw, SUB=sub,
-            CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, num_warps=4, **kwargs,
+            CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, TIMING=timing is not None, num_warps=4,
+            **kwargs,
         )
     if epilogue == _SWIGLU:
         return c, h
