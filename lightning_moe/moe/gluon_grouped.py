@@ -147,10 +147,34 @@ def _mainloop(a_bufs, b_bufs, u_bufs, ready, empty, g0, ksteps, acc, acc_up,
 
 
 @gluon.jit
+def _epilogue_loads(row0, r: gl.constexpr, row_end, cols, col_ok, aux_ptr, rw_ptr, s_auxm, HALF,
+                    EPILOGUE: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr, layout: gl.constexpr):
+    """Global loads of row slice r of the epilogue: saved gate and up values (SwiGLU backward) and row weights."""
+    rows = row0 + r * SUB + gl.arange(0, SUB, layout=gl.SliceLayout(1, layout))
+    row_ok = rows < row_end
+    rows64 = rows.to(gl.int64)
+    g = gl.zeros([SUB, 1], gl.bfloat16, layout)
+    up = g
+    w = gl.zeros([SUB], gl.float32, gl.SliceLayout(1, layout))
+    if EPILOGUE == 2:
+        mask = row_ok[:, None] & col_ok[None, :]
+        aux_ptrs = aux_ptr + rows64[:, None] * s_auxm + cols[None, :]
+        g = gl.load(aux_ptrs, mask=mask, other=0.0)
+        up = gl.load(aux_ptrs + HALF, mask=mask, other=0.0)
+    if HAS_RW:
+        w = gl.load(rw_ptr + rows64, mask=row_ok, other=0.0)
+    return g, up, w
+
+
+@gluon.jit
 def _epilogue(epi_smem, up_smem, row0, row_end, n0, tn, N, HALF,
               c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw,
               EPILOGUE: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr, num_warps: gl.constexpr):
-    """Stores of one tile from its 16-bit copy in shared memory, SUB rows at a time."""
+    """Stores of one tile from its 16-bit copy in shared memory, SUB rows at a time.
+
+    The global loads of row slice r + 1 are issued before slice r is computed and stored: while the other consumer
+    streams its operands a round trip to memory takes microseconds, and loads issued only when their slice comes
+    up would cost one round trip per slice."""
     BM: gl.constexpr = epi_smem.type.shape[0]
     BN: gl.constexpr = epi_smem.type.shape[1]
     VEC: gl.constexpr = 8
@@ -158,7 +182,13 @@ def _epilogue(epi_smem, up_smem, row0, row_end, n0, tn, N, HALF,
     layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TPW_N, TPW_N], [num_warps, 1], [1, 0])
     cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
     col_ok = cols < N
+    nxt = _epilogue_loads(row0, 0, row_end, cols, col_ok, aux_ptr, rw_ptr, s_auxm, HALF, EPILOGUE, HAS_RW, SUB,
+                          layout)
     for r in gl.static_range(BM // SUB):
+        g_in, up_in, w = nxt
+        if r + 1 < BM // SUB:
+            nxt = _epilogue_loads(row0, r + 1, row_end, cols, col_ok, aux_ptr, rw_ptr, s_auxm, HALF, EPILOGUE,
+                                  HAS_RW, SUB, layout)
         rows = row0 + r * SUB + gl.arange(0, SUB, layout=gl.SliceLayout(1, layout))
         row_ok = rows < row_end
         rows64 = rows.to(gl.int64)
@@ -174,20 +204,17 @@ def _epilogue(epi_smem, up_smem, row0, row_end, n0, tn, N, HALF,
             g = v.to(gl.float32)
             h = g / (1.0 + gl.exp(-g)) * up.to(gl.float32)
             if HAS_RW:
-                w = gl.load(rw_ptr + rows64, mask=row_ok, other=0.0)
                 h = h.to(v.dtype).to(gl.float32) * w[:, None]
             gl.store(h_ptr + rows64[:, None] * s_hm + cols[None, :], h.to(v.dtype), mask=mask)
         else:
-            aux_ptrs = aux_ptr + rows64[:, None] * s_auxm + cols[None, :]
-            g = gl.load(aux_ptrs, mask=mask, other=0.0).to(gl.float32)
-            up = gl.load(aux_ptrs + HALF, mask=mask, other=0.0).to(gl.float32)
+            g = g_in.to(gl.float32)
+            up = up_in.to(gl.float32)
             dh = v.to(gl.float32)
             sig = 1.0 / (1.0 + gl.exp(-g))
             if HAS_RW:
                 h = (g * sig * up).to(v.dtype).to(gl.float32)
                 part = gl.sum(gl.where(mask, dh * h, 0.0), 1)
-                gl.store(drw_ptr + rows64 * s_drw + tn, part, mask=row_ok)
-                w = gl.load(rw_ptr + rows64, mask=row_ok, other=0.0)
+                gl.store(drw_ptr + tn * s_drw + rows64, part, mask=row_ok)
                 dh = (dh * w[:, None]).to(v.dtype).to(gl.float32)
             d_gate = dh * up * sig * (1.0 + g * (1.0 - sig))
             d_up = dh * g * sig
@@ -348,7 +375,8 @@ def ws_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, bm: int 
     has_rw = row_weights is not None
     rw = row_weights.float().contiguous() if has_rw else c
     nb_n = triton.cdiv(n, bn)
-    drw = a.new_empty(m, nb_n, dtype=torch.float32) if has_rw and epilogue == _SWIGLU_BWD else c
+    # [column tile, row]: each tile's shares are stored contiguously over its rows.
+    drw = a.new_empty(nb_n, m, dtype=torch.float32) if has_rw and epilogue == _SWIGLU_BWD else c
     if m:
         gdt = gl.bfloat16 if a.dtype == torch.bfloat16 else gl.float16
         storage = (b.transpose(1, 2) if b_kmajor else b).reshape(-1, b.shape[1] if b_kmajor else n_out)
@@ -368,5 +396,5 @@ def ws_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, bm: int 
     if epilogue == _SWIGLU:
         return c, h
     if has_rw:
-        return c, drw.sum(1)
+        return c, drw.sum(0)
     return c
