@@ -345,6 +345,34 @@ def _ws_rows_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------------- launch
+def compile_only(arch: int = 90, *, epilogue: int = _PLAIN, b_kmajor: bool = False, has_rw: bool = False,
+                 bm: int = 128, bn: int = 128, bk: int = 64, stages: int = 4, sub: int = 32,
+                 consumer_regs: int = 232, producer_regs: int = 40, maxnreg: int = 168, timing: bool = False):
+    """Compile the kernel for ``sm_<arch>`` without a GPU (CPU is fine) and return Triton's compiled kernel, whose
+    ``asm`` holds the TTGIR, PTX and cubin: tests check on the CPU that it is warp-specialised."""
+    from triton.backends.compiler import GPUTarget  # noqa: PLC0415
+    from triton.experimental.gluon._runtime import GluonASTSource  # noqa: PLC0415
+    from triton.runtime.jit import mangle_type  # noqa: PLC0415
+
+    probe = torch.empty(2 * max(bm, bn, bk), 2 * max(bm, bn, bk), dtype=torch.bfloat16)
+    b_block = [bn, bk] if b_kmajor else [bk, bn]
+    descs = [TensorDescriptor.from_tensor(probe, block, gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16))
+             for block in ([bm, bk], b_block)]
+    names = ["a_desc", "b_desc", "c_ptr", "aux_ptr", "h_ptr", "rw_ptr", "drw_ptr", "table_ptr", "dbg_ptr",
+             "MAX_T", "N", "K", "NB_N", "HALF", "N_ROWS", "s_cm", "s_auxm", "s_hm", "s_drw"]
+    types = [mangle_type(d) for d in descs] + ["*bf16", "*bf16", "*bf16", "*fp32", "*fp32", "*i32", "*i64"]
+    signature = dict(zip(names, types + ["i32"] * 10, strict=True))
+    constexprs = {"STAGES": stages, "EPILOGUE": epilogue, "B_KMAJOR": b_kmajor, "HAS_RW": has_rw, "SUB": sub,
+                  "CONSUMER_REGS": consumer_regs, "PRODUCER_REGS": producer_regs, "TIMING": timing}
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    # As the launcher specialises them on a GPU: pointers and the sizes of the benchmark shapes are 16-divisible.
+    divisible = names[2:9] + ["N", "K", "HALF", "N_ROWS", "s_cm", "s_auxm", "s_hm"]
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in divisible}
+    src = GluonASTSource(_ws_rows_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "maxnreg": maxnreg})
+
+
+
 def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
