@@ -276,27 +276,6 @@ def _consumer(c_id, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_sm
         j += 2
 
 
-# Partition entry points: constexpr arguments must reach the partitions as named parameters (not inside a tuple).
-@gluon.jit
-def _consumer_default(a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_smem, table_ptr, MAX_T, NB_N, K, N,
-                      HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
-                      EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr,
-                      TIMING: gl.constexpr):
-    _consumer(0, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_smem, table_ptr, MAX_T, NB_N, K, N, HALF,
-              c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr, EPILOGUE, B_KMAJOR, HAS_RW,
-              SUB, TIMING)
-
-
-@gluon.jit
-def _consumer_worker(a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_smem, table_ptr, MAX_T, NB_N, K, N,
-                     HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
-                     EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr,
-                     TIMING: gl.constexpr):
-    _consumer(1, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_smem, table_ptr, MAX_T, NB_N, K, N, HALF,
-              c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr, EPILOGUE, B_KMAJOR, HAS_RW,
-              SUB, TIMING)
-
-
 @gluon.jit
 def _ws_rows_kernel(
     a_desc, b_desc, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, table_ptr, dbg_ptr,
@@ -332,13 +311,15 @@ def _ws_rows_kernel(
         up1 = epi1
     fence_async_shared()
 
+    # Partition arguments are written out, not built by adding tuples: constexprs inside a concatenated tuple reach
+    # the partitions as run-time values.
     gl.warp_specialize([
-        (_consumer_default, (a_bufs, b_bufs, u_bufs, ready, empty, order, epi0, up0, table_ptr, MAX_T, NB_N, K, N,
-                             HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
-                             EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING)),
-        (_consumer_worker, (a_bufs, b_bufs, u_bufs, ready, empty, order, epi1, up1, table_ptr, MAX_T, NB_N, K, N,
-                            HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
-                            EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING)),
+        (_consumer, (0, a_bufs, b_bufs, u_bufs, ready, empty, order, epi0, up0, table_ptr, MAX_T, NB_N, K, N, HALF,
+                     c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
+                     EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING)),
+        (_consumer, (1, a_bufs, b_bufs, u_bufs, ready, empty, order, epi1, up1, table_ptr, MAX_T, NB_N, K, N, HALF,
+                     c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
+                     EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING)),
         (_producer, (a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_ptr, MAX_T, NB_N, K, HALF, N_ROWS,
                      EPILOGUE, B_KMAJOR)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

@@ -9,15 +9,11 @@ test_triton_grouped.py checks against the loop kernel).
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers.triton_interpreter import run_interpreted
 
 
 def _has_gluon() -> bool:
@@ -50,14 +46,7 @@ for counts in (torch.tensor([7, 0, 33, 16, 0, 1]), torch.randint(0, 40, (9,)), t
 
 @needs_gluon
 def test_tile_table_matches_reference_in_interpreter(seed):
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    proc = subprocess.run([sys.executable, "-c", _TABLE_SCRIPT, str(seed)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.strip().splitlines()
-    assert lines == ["True True True"] * 3, proc.stdout
+    assert run_interpreted(_TABLE_SCRIPT, str(seed), timeout=300) == ["True True True"] * 3
 
 
 @needs_gluon

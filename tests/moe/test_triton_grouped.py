@@ -8,7 +8,6 @@ in bf16, through both the TMA and the pointer-load paths where the GPU has TMA.
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 import torch
 
 from lightning_moe.moe.kernels import KERNELS, loop_experts
+from tests.helpers.triton_interpreter import run_interpreted
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
@@ -65,14 +65,8 @@ def test_triton_is_a_kernel_and_not_imported_eagerly():
 
 @needs_triton
 def test_triton_kernels_match_loop_in_interpreter(seed):
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT, str(seed)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 12, proc.stdout
+    lines = run_interpreted(_INTERPRETER_SCRIPT, str(seed))
+    assert len(lines) == 12, lines
     assert sum("weighted" in line for line in lines) == 4
     for line in lines:
         errs = [float(v) for v in line.split()[-5 if "weighted" in line else -4:]]
