@@ -122,6 +122,8 @@ def layer_variants(name, layer, xl, run_compiled, record, args, device) -> None:
     - ``Triton weight gradients`` (``triton`` only): ``triton_grouped.WGRAD="triton"`` instead of ``grouped_mm``.
     - ``one program per tile`` (``triton`` only, when a row GEMM's configuration is persistent): every row GEMM
       launched one program per output tile instead.
+    - ``Triton row GEMMs`` (``triton`` only): ``triton_grouped.ROWS="triton"`` instead of the warp-specialised Gluon
+      row GEMMs that "auto" takes on Hopper.
     """
     from lightning_moe.moe import permute as permute_mod
     from lightning_moe.moe import router as router_mod
@@ -181,6 +183,12 @@ def layer_variants(name, layer, xl, run_compiled, record, args, device) -> None:
                 timed("Triton weight gradients", "previous form: triton_grouped.WGRAD=triton", fresh())
             finally:
                 triton_grouped.WGRAD = "auto"
+        if "triton_rows" in wanted:
+            triton_grouped.ROWS = "triton"
+            try:
+                timed("Triton row GEMMs", "previous form: triton_grouped.ROWS=triton", fresh())
+            finally:
+                triton_grouped.ROWS = "auto"
         configs = dict(triton_grouped.CONFIGS)
         if "per_tile" in wanted and any(c.persistent for c in configs.values()):
             triton_grouped.CONFIGS.update({k: dataclasses.replace(c, persistent=False) for k, c in configs.items()})
@@ -213,7 +221,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--variants-for", default="", help="kernels (comma-separated) for which to also time the compiled "
                    "layer with the eager bmm combine, with the fp32 router GEMMs, and with CUDA graphs")
     p.add_argument("--variants",
-                   default="gather_rows,weighted_combine,bmm,fp32_router,cuda_graphs,triton_wgrad,per_tile",
+                   default="gather_rows,weighted_combine,bmm,fp32_router,cuda_graphs,triton_wgrad,per_tile,triton_rows",
                    help="which of those variants to time (layer_variants says what each is)")
     args = p.parse_args(argv)
 

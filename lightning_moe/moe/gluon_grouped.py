@@ -1,7 +1,8 @@
 """Warp-specialised grouped row GEMMs for Hopper, written in Gluon (``triton.experimental.gluon``).
 
 The same products as ``triton_grouped._rows_kernel`` (``out[rows of e] = a[rows of e] @ b[e]`` with the plain,
-SwiGLU and SwiGLU-backward epilogues), scheduled the way CUTLASS's "ping-pong" Hopper kernels are:
+SwiGLU and SwiGLU-backward epilogues), scheduled the way CUTLASS's "ping-pong" Hopper kernels are (or, with
+``coop``, its "cooperative" ones: both consumers share each tile, half its rows each):
 
 - one persistent program per SM walks the output tiles (expert row tile x column tile) of a table built on the GPU;
 - a one-warp **producer** partition issues the TMA loads of every tile into a ring of shared-memory stages;
@@ -13,7 +14,8 @@ The epilogue rounds the accumulator to 16 bits into shared memory and reads it b
 arithmetic holds few values per thread. Rows of a tile that belong to the next expert are computed but never stored
 (masked stores).
 
-Needs a Hopper GPU (sm_90) and Triton >= 3.6 with Gluon; ``triton_grouped.ROWS`` picks it (see ``use_gluon``).
+Needs a Hopper GPU (sm_90) and Triton >= 3.6 with Gluon; ``triton_grouped.ROWS`` picks it for the ``triton`` expert
+kernel with the tiles of ``CONFIGS``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,15 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 _PLAIN, _SWIGLU, _SWIGLU_BWD = 0, 1, 2
+
+# ``ws_rows_mm`` keywords per row GEMM of the experts (``triton_grouped.CONFIGS``' keys), the fastest of
+# benchmarks/gluon_grouped_bench.py on an H200 (ms, Triton's ``CONFIGS`` in the same process in brackets):
+CONFIGS: dict[str, dict] = {
+    "fwd1": {"bn": 64, "stages": 4},  # ping-pong, 128 x (64 gate + 64 up) per consumer: 1.946 (2.067)
+    "fwd2": {"bn": 128, "stages": 4},  # ping-pong, 128 x 128: 0.934 (0.974)
+    "dgrad2": {"bn": 128, "stages": 4, "coop": True},  # 2 x 64 x 128: 1.322 (1.403)
+    "dgrad1": {"bn": 256, "stages": 3, "coop": True},  # 2 x 64 x 256: 1.791 (1.870)
+}
 
 
 # ------------------------------------------------------------------------------------------------------------ tiles
@@ -120,20 +131,23 @@ def _producer(a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_ptr, M
 
 @gluon.jit
 def _mainloop(a_bufs, b_bufs, u_bufs, ready, empty, g0, ksteps, acc, acc_up,
-              EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr):
-    """acc (and acc_up for SwiGLU) = the tile's product over the stages of ring steps g0 .. g0 + ksteps - 1; each
-    stage is released as soon as the MMAs reading it have completed."""
+              EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, A_ROW: gl.constexpr, A_ROWS: gl.constexpr):
+    """acc (and acc_up for SwiGLU) = rows A_ROW .. A_ROW + A_ROWS of the tile's product over the stages of ring steps
+    g0 .. g0 + ksteps - 1; each stage is released as soon as the MMAs reading it have completed."""
     S: gl.constexpr = a_bufs.type.shape[0]
     for kk in range(ksteps):
         g = g0 + kk
         s = g % S
         mbarrier.wait(ready.index(s), (g // S) & 1)
+        a = a_bufs.index(s)
+        if A_ROWS != a_bufs.type.shape[1]:
+            a = a.slice(A_ROW, A_ROWS, dim=0)
         if B_KMAJOR:
-            acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, use_acc=kk > 0, is_async=True)
+            acc = warpgroup_mma(a, b_bufs.index(s).permute((1, 0)), acc, use_acc=kk > 0, is_async=True)
         else:
-            acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s), acc, use_acc=kk > 0, is_async=True)
+            acc = warpgroup_mma(a, b_bufs.index(s), acc, use_acc=kk > 0, is_async=True)
         if EPILOGUE == 1:
-            acc_up = warpgroup_mma(a_bufs.index(s), u_bufs.index(s), acc_up, use_acc=kk > 0, is_async=True)
+            acc_up = warpgroup_mma(a, u_bufs.index(s), acc_up, use_acc=kk > 0, is_async=True)
             acc, acc_up = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc_up))
         else:
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
@@ -226,36 +240,49 @@ def _epilogue(epi_smem, up_smem, row0, row_end, n0, tn, N, HALF,
 def _consumer(c_id, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_smem, table_ptr, MAX_T, NB_N, K, N,
               HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
               EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr,
-              TIMING: gl.constexpr):
-    """Tiles c_id, c_id + 2, ... of this program (four warps): MMAs in turn with the other consumer, then the
-    epilogue while the other one multiplies."""
-    BM: gl.constexpr = a_bufs.type.shape[1]
+              TIMING: gl.constexpr, COOP: gl.constexpr):
+    """Ping-pong: tiles c_id, c_id + 2, ... of this program (four warps), MMAs in turn with the other consumer,
+    then the epilogue while the other one multiplies. Cooperative (``COOP``): every tile of this program, rows
+    c_id * BM .. (c_id + 1) * BM of it (``a_bufs`` is this consumer's half of the A stages), both consumers at once.
+    """
+    BM: gl.constexpr = epi_smem.type.shape[0]  # rows of a tile this consumer computes
     BK: gl.constexpr = a_bufs.type.shape[2]
     BN: gl.constexpr = epi_smem.type.shape[1]
+    A_ROW: gl.constexpr = c_id * BM if COOP else 0
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, BN, 16])
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
     total = gl.load(table_ptr + 3 * MAX_T) * NB_N
     ksteps = gl.cdiv(K, BK)
-    j = c_id  # index of the tile among this program's tiles
-    for w in range(pid + c_id * nprog, total, 2 * nprog):
+    if COOP:
+        j = 0
+        first = pid
+        step = nprog
+        row_off = A_ROW
+    else:
+        j = c_id  # index of the tile among this program's tiles
+        first = pid + c_id * nprog
+        step = 2 * nprog
+        row_off = 0
+    for w in range(first, total, step):
         rt = w // NB_N
         tn = w % NB_N
-        row0 = gl.load(table_ptr + MAX_T + rt)
+        row0 = gl.load(table_ptr + MAX_T + rt) + row_off
         row_end = gl.load(table_ptr + 2 * MAX_T + rt)
-        # My MMA turn comes after the other consumer has issued the MMAs of tile j - 1.
-        q = j // 2
         if TIMING:
             t0 = _now(j)
-        mbarrier.wait(order.index(c_id), (q - 1 + c_id) & 1, pred=j > 0)
+        if not COOP:
+            # My MMA turn comes after the other consumer has issued the MMAs of tile j - 1.
+            mbarrier.wait(order.index(c_id), (j // 2 - 1 + c_id) & 1, pred=j > 0)
         if TIMING:
             t1 = _now(j)
         acc = gl.zeros([BM, BN], gl.float32, mma_layout)
         acc_up = gl.zeros([BM, BN], gl.float32, mma_layout)
         acc, acc_up = _mainloop(a_bufs, b_bufs, u_bufs, ready, empty, j * ksteps, ksteps, acc, acc_up,
-                                EPILOGUE, B_KMAJOR)
-        mbarrier.arrive(order.index(1 - c_id))
+                                EPILOGUE, B_KMAJOR, A_ROW, BM)
+        if not COOP:
+            mbarrier.arrive(order.index(1 - c_id))
         if TIMING:
             t2 = _now(j)
         epi_smem.store(acc.to(c_ptr.dtype.element_ty))
@@ -273,7 +300,10 @@ def _consumer(c_id, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_sm
             gl.store(dbg_ptr + j * 4 + 1, t1, mask=ok)
             gl.store(dbg_ptr + j * 4 + 2, t2, mask=ok)
             gl.store(dbg_ptr + j * 4 + 3, t3, mask=ok)
-        j += 2
+        if COOP:
+            j += 1
+        else:
+            j += 2
 
 
 @gluon.jit
@@ -282,6 +312,7 @@ def _ws_rows_kernel(
     MAX_T, N, K, NB_N, HALF, N_ROWS, s_cm, s_auxm, s_hm, s_drw,
     STAGES: gl.constexpr, EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, HAS_RW: gl.constexpr,
     SUB: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, TIMING: gl.constexpr,
+    COOP: gl.constexpr,
 ):
     BM: gl.constexpr = a_desc.block_type.shape[0]
     BN: gl.constexpr = b_desc.block_type.shape[0] if B_KMAJOR else b_desc.block_type.shape[1]
@@ -297,15 +328,18 @@ def _ws_rows_kernel(
     order = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=1)
+        # Cooperative: a stage is free once both consumers have read it.
+        mbarrier.init(empty.index(i), count=2 if COOP else 1)
     for i in gl.static_range(2):
         mbarrier.init(order.index(i), count=1)
-    epi_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BN], dtype)
-    epi0 = gl.allocate_shared_memory(dtype, [BM, BN], epi_layout)
-    epi1 = gl.allocate_shared_memory(dtype, [BM, BN], epi_layout)
+    # Rows of a tile each consumer computes.
+    BMC: gl.constexpr = BM // 2 if COOP else BM
+    epi_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BMC, BN], dtype)
+    epi0 = gl.allocate_shared_memory(dtype, [BMC, BN], epi_layout)
+    epi1 = gl.allocate_shared_memory(dtype, [BMC, BN], epi_layout)
     if EPILOGUE == 1:
-        up0 = gl.allocate_shared_memory(dtype, [BM, BN], epi_layout)
-        up1 = gl.allocate_shared_memory(dtype, [BM, BN], epi_layout)
+        up0 = gl.allocate_shared_memory(dtype, [BMC, BN], epi_layout)
+        up1 = gl.allocate_shared_memory(dtype, [BMC, BN], epi_layout)
     else:
         up0 = epi0
         up1 = epi1
@@ -316,10 +350,10 @@ def _ws_rows_kernel(
     gl.warp_specialize([
         (_consumer, (0, a_bufs, b_bufs, u_bufs, ready, empty, order, epi0, up0, table_ptr, MAX_T, NB_N, K, N, HALF,
                      c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
-                     EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING)),
+                     EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING, COOP)),
         (_consumer, (1, a_bufs, b_bufs, u_bufs, ready, empty, order, epi1, up1, table_ptr, MAX_T, NB_N, K, N, HALF,
                      c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
-                     EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING)),
+                     EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING, COOP)),
         (_producer, (a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_ptr, MAX_T, NB_N, K, HALF, N_ROWS,
                      EPILOGUE, B_KMAJOR)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -328,7 +362,8 @@ def _ws_rows_kernel(
 # ----------------------------------------------------------------------------------------------------------- launch
 def compile_only(arch: int = 90, *, epilogue: int = _PLAIN, b_kmajor: bool = False, has_rw: bool = False,
                  bm: int = 128, bn: int = 128, bk: int = 64, stages: int = 4, sub: int = 32,
-                 consumer_regs: int = 232, producer_regs: int = 40, maxnreg: int = 168, timing: bool = False):
+                 consumer_regs: int = 232, producer_regs: int = 40, maxnreg: int = 168, timing: bool = False,
+                 coop: bool = False):
     """Compile the kernel for ``sm_<arch>`` without a GPU (CPU is fine) and return Triton's compiled kernel, whose
     ``asm`` holds the TTGIR, PTX and cubin: tests check on the CPU that it is warp-specialised."""
     from triton.backends.compiler import GPUTarget  # noqa: PLC0415
@@ -344,7 +379,8 @@ def compile_only(arch: int = 90, *, epilogue: int = _PLAIN, b_kmajor: bool = Fal
     types = [mangle_type(d) for d in descs] + ["*bf16", "*bf16", "*bf16", "*fp32", "*fp32", "*i32", "*i64"]
     signature = dict(zip(names, types + ["i32"] * 10, strict=True))
     constexprs = {"STAGES": stages, "EPILOGUE": epilogue, "B_KMAJOR": b_kmajor, "HAS_RW": has_rw, "SUB": sub,
-                  "CONSUMER_REGS": consumer_regs, "PRODUCER_REGS": producer_regs, "TIMING": timing}
+                  "CONSUMER_REGS": consumer_regs, "PRODUCER_REGS": producer_regs, "TIMING": timing,
+                  "COOP": bool(coop)}
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     # As the launcher specialises them on a GPU: pointers and the sizes of the benchmark shapes are 16-divisible.
     divisible = names[2:9] + ["N", "K", "HALF", "N_ROWS", "s_cm", "s_auxm", "s_hm"]
@@ -362,9 +398,10 @@ def ws_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, bm: int 
                stages: int = 4, epilogue: int = _PLAIN, aux: torch.Tensor | None = None,
                row_weights: torch.Tensor | None = None, sub: int = 32, consumer_regs: int = 232,
                producer_regs: int = 40, maxnreg: int | None = 168, table: tuple[torch.Tensor, int] | None = None,
-               num_programs: int | None = None, timing: torch.Tensor | None = None):
+               num_programs: int | None = None, timing: torch.Tensor | None = None, coop: bool = False):
     """``triton_grouped.grouped_rows_mm`` on the warp-specialised kernel (same arguments and results); ``bn`` is
-    per SwiGLU half for the SwiGLU epilogue."""
+    per SwiGLU half for the SwiGLU epilogue. ``coop``: both consumers work on each ``bm`` x ``bn`` tile, ``bm / 2``
+    rows each (CUTLASS's "cooperative" schedule), instead of taking alternate tiles ("ping-pong")."""
     if row_weights is not None and epilogue == _PLAIN:
         raise ValueError("row_weights apply to the SwiGLU epilogues only")
     a = a.contiguous()
@@ -399,7 +436,8 @@ def ws_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, bm: int 
             a_desc, b_desc, c, aux, h, rw, drw, tab, c if timing is None else timing,
             max_t, n, k, nb_n, half, n_out, c.stride(0), aux.stride(0), h.stride(0), drw.stride(0),
             STAGES=stages, EPILOGUE=epilogue, B_KMAJOR=b_kmajor, HAS_RW=has_rw, SUB=sub,
-            CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, TIMING=timing is not None, num_warps=4,
+            CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, TIMING=timing is not None, COOP=bool(coop),
+            num_warps=4,
             **kwargs,
         )
     if epilogue == _SWIGLU:

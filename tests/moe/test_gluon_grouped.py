@@ -50,12 +50,14 @@ def test_tile_table_matches_reference_in_interpreter(seed):
 
 
 @needs_gluon
-@pytest.mark.parametrize("epilogue,b_kmajor,has_rw,bn", [(0, False, False, 128), (0, True, False, 128),
-                                                         (1, False, True, 64), (2, True, True, 128)])
-def test_kernel_compiles_warp_specialised_for_sm90(epilogue, b_kmajor, has_rw, bn):
+@pytest.mark.parametrize("epilogue,b_kmajor,has_rw,bn,coop", [
+    (0, False, False, 128, False), (0, True, False, 128, False), (1, False, True, 64, False),
+    (2, True, True, 128, False), (0, True, False, 256, True), (1, False, True, 128, True), (2, True, True, 128, True)])
+def test_kernel_compiles_warp_specialised_for_sm90(epilogue, b_kmajor, has_rw, bn, coop):
     from lightning_moe.moe import gluon_grouped as gg
 
-    kernel = gg.compile_only(90, epilogue=epilogue, b_kmajor=b_kmajor, has_rw=has_rw, bn=bn)
+    kernel = gg.compile_only(90, epilogue=epilogue, b_kmajor=b_kmajor, has_rw=has_rw, bn=bn, coop=coop,
+                             stages=3 if coop and (bn == 256 or epilogue == 1) else 4)
     ptx = kernel.asm["ptx"]
     # Three partitions (two MMA consumers, one TMA producer) that hand registers over at run time.
     assert "ttg.warp_specialize" in kernel.asm["ttgir"]
@@ -69,7 +71,8 @@ def test_kernel_compiles_warp_specialised_for_sm90(epilogue, b_kmajor, has_rw, b
 @needs_gluon
 @pytest.mark.parametrize("op", ["fwd1", "fwd2", "dgrad2", "dgrad1"])
 @pytest.mark.parametrize("row_weights", [False, True])
-def test_gpu_matches_triton_rows(seed, op, row_weights):
+@pytest.mark.parametrize("coop", [False, True], ids=["pingpong", "coop"])
+def test_gpu_matches_triton_rows(seed, op, row_weights, coop):
     from lightning_moe.moe import gluon_grouped as gg
     from lightning_moe.moe import triton_grouped as tg
 
@@ -94,7 +97,11 @@ def test_gpu_matches_triton_rows(seed, op, row_weights):
     kw = {"fwd1": {"epilogue": 1, "row_weights": rw}, "dgrad2": {"epilogue": 2, "aux": rnd(n, 2 * hidden),
                                                                   "row_weights": rw}}.get(op, {})
     ref = tg.grouped_rows_mm(x, b, offs, cfg, **kw)
-    out = gg.ws_rows_mm(x, b, offs, bn=64 if op == "fwd1" else 128, **kw)
+    if coop:  # the tiles the benchmark runs: 128 x 256 (fwd1: 128 gate + 128 up columns), 3 stages
+        tile = {"bn": 128 if op in ("fwd1", "dgrad2") else 256, "stages": 4 if op == "dgrad2" else 3, "coop": True}
+    else:
+        tile = {"bn": 64 if op == "fwd1" else 128}
+    out = gg.ws_rows_mm(x, b, offs, **tile, **kw)
     ref, out = (ref, out) if isinstance(ref, tuple) else ((ref,), (out,))
     for o, r in zip(out, ref, strict=True):
         assert o.shape == r.shape

@@ -89,17 +89,21 @@ def _rel(a, b):
 
 @cuda
 @needs_triton
-@pytest.mark.parametrize("tma,wgrad,persistent", [(True, "auto", False), (False, "auto", False),
-                                                  (True, "triton", False), (True, "auto", True),
-                                                  (False, "auto", True)])
+@pytest.mark.parametrize("tma,wgrad,persistent,rows", [
+    (True, "auto", False, "triton"), (False, "auto", False, "triton"), (True, "triton", False, "triton"),
+    (True, "auto", True, "triton"), (False, "auto", True, "triton"), (True, "auto", False, "gluon"),
+    (True, "triton", False, "gluon")])
 @pytest.mark.parametrize("shape", [(8, 256, 136, 1000), (16, 512, 384, 3000)])
-def test_gpu_triton_matches_loop_in_bf16(seed, monkeypatch, tma, wgrad, persistent, shape):
+def test_gpu_triton_matches_loop_in_bf16(seed, monkeypatch, tma, wgrad, persistent, rows, shape):
     import dataclasses
 
     from lightning_moe.moe import triton_grouped as tg
 
     if tma and not tg.use_tma(torch.device("cuda")):
         pytest.skip("this GPU has no TMA")
+    if rows == "gluon" and not (torch.cuda.get_device_capability() == (9, 0) and tg._gluon_importable()):
+        pytest.skip("the Gluon row GEMMs need a Hopper GPU and Triton with Gluon")
+    monkeypatch.setattr(tg, "ROWS", rows)
     monkeypatch.setattr(tg, "use_tma", lambda device: tma)
     monkeypatch.setattr(tg, "WGRAD", wgrad)
     configs = {name: dataclasses.replace(cfg, persistent=persistent) for name, cfg in tg.CONFIGS.items()}
@@ -176,3 +180,16 @@ def test_row_weights_on_a_plain_gemm_are_refused():
     a, b, offs = torch.randn(4, 8), torch.randn(2, 8, 8), torch.tensor([2, 4], dtype=torch.int32)
     with pytest.raises(ValueError, match="SwiGLU epilogues only"):
         tg.grouped_rows_mm(a, b, offs, tg.CONFIGS["fwd2"], row_weights=torch.rand(4))
+
+
+@needs_triton
+def test_row_gemm_backend_choice(monkeypatch):
+    from lightning_moe.moe import triton_grouped as tg
+
+    a, b = torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(2, 8, 8, dtype=torch.bfloat16)
+    assert tg._rows_backend(a, b) == "triton"  # "auto" off a Hopper GPU
+    monkeypatch.setattr(tg, "ROWS", "gluon")
+    assert tg._rows_backend(a, b) == "gluon"
+    monkeypatch.setattr(tg, "ROWS", "cutlass")
+    with pytest.raises(ValueError, match="must be 'auto', 'triton' or 'gluon'"):
+        tg._rows_backend(a, b)
