@@ -41,8 +41,10 @@ _PLAIN, _SWIGLU, _SWIGLU_BWD = 0, 1, 2
 CONFIGS: dict[str, dict] = {
     "fwd1": {"bn": 64, "stages": 4},  # ping-pong, 128 x (64 gate + 64 up) per consumer: 1.946 (2.067)
     "fwd2": {"bn": 128, "stages": 4},  # ping-pong, 128 x 128: 0.934 (0.974)
-    "dgrad2": {"bn": 128, "stages": 4, "coop": True},  # 2 x 64 x 128: 1.322 (1.403)
-    "dgrad1": {"bn": 256, "stages": 3, "coop": True},  # 2 x 64 x 256: 1.791 (1.870)
+    # cooperative, 2 x 64 x 128: 1.322 (1.403); epilogue interleaved: not measured yet
+    "dgrad2": {"bn": 128, "stages": 4, "coop": True, "interleave": True, "sub": 8},
+    # cooperative, 2 x 64 x 256: 1.791 (1.870); epilogue interleaved: not measured yet
+    "dgrad1": {"bn": 256, "stages": 3, "coop": True, "interleave": True, "sub": 8},
 }
 
 
@@ -147,34 +149,84 @@ def _producer(a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_ptr, M
 
 
 @gluon.jit
-def _mainloop(a_bufs, b_bufs, u_bufs, ready, empty, g0, ksteps, acc, acc_up,
+def _mma_step(a_bufs, b_bufs, u_bufs, ready, empty, g0, kk, acc, acc_up,
               EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, A_ROW: gl.constexpr, A_ROWS: gl.constexpr):
-    """acc (and acc_up for SwiGLU) = rows A_ROW .. A_ROW + A_ROWS of the tile's product over the stages of ring steps
-    g0 .. g0 + ksteps - 1; each stage is released as soon as the MMAs reading it have completed."""
+    """k-step kk of a tile whose first ring step is g0: wait for its stage, issue its MMAs (rows A_ROW ..
+    A_ROW + A_ROWS of the A tile), and release the previous step's stage once the MMAs reading it have completed."""
     S: gl.constexpr = a_bufs.type.shape[0]
-    for kk in range(ksteps):
-        g = g0 + kk
-        s = g % S
-        mbarrier.wait(ready.index(s), (g // S) & 1)
-        a = a_bufs.index(s)
-        if A_ROWS != a_bufs.type.shape[1]:
-            a = a.slice(A_ROW, A_ROWS, dim=0)
-        if B_KMAJOR:
-            acc = warpgroup_mma(a, b_bufs.index(s).permute((1, 0)), acc, use_acc=kk > 0, is_async=True)
-        else:
-            acc = warpgroup_mma(a, b_bufs.index(s), acc, use_acc=kk > 0, is_async=True)
-        if EPILOGUE == 1:
-            acc_up = warpgroup_mma(a, u_bufs.index(s), acc_up, use_acc=kk > 0, is_async=True)
-            acc, acc_up = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc_up))
-        else:
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-        mbarrier.arrive(empty.index((g + S - 1) % S), pred=kk > 0)
+    g = g0 + kk
+    s = g % S
+    mbarrier.wait(ready.index(s), (g // S) & 1)
+    a = a_bufs.index(s)
+    if A_ROWS != a_bufs.type.shape[1]:
+        a = a.slice(A_ROW, A_ROWS, dim=0)
+    if B_KMAJOR:
+        acc = warpgroup_mma(a, b_bufs.index(s).permute((1, 0)), acc, use_acc=kk > 0, is_async=True)
+    else:
+        acc = warpgroup_mma(a, b_bufs.index(s), acc, use_acc=kk > 0, is_async=True)
+    if EPILOGUE == 1:
+        acc_up = warpgroup_mma(a, u_bufs.index(s), acc_up, use_acc=kk > 0, is_async=True)
+        acc, acc_up = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc_up))
+    else:
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+    mbarrier.arrive(empty.index((g + S - 1) % S), pred=kk > 0)
+    return acc, acc_up
+
+
+@gluon.jit
+def _mma_drain(empty, g0, ksteps, acc, acc_up, EPILOGUE: gl.constexpr):
+    """Wait for a tile's last MMAs and release its last stage."""
+    S: gl.constexpr = empty.type.shape[0]
     if EPILOGUE == 1:
         acc, acc_up = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc_up))
     else:
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     mbarrier.arrive(empty.index((g0 + ksteps - 1) % S))
     return acc, acc_up
+
+
+@gluon.jit
+def _mainloop(a_bufs, b_bufs, u_bufs, ready, empty, g0, ksteps, acc, acc_up,
+              EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, A_ROW: gl.constexpr, A_ROWS: gl.constexpr):
+    """acc (and acc_up for SwiGLU) = rows A_ROW .. A_ROW + A_ROWS of the tile's product over the stages of ring steps
+    g0 .. g0 + ksteps - 1; each stage is released as soon as the MMAs reading it have completed."""
+    for kk in range(ksteps):
+        acc, acc_up = _mma_step(a_bufs, b_bufs, u_bufs, ready, empty, g0, kk, acc, acc_up, EPILOGUE, B_KMAJOR,
+                                A_ROW, A_ROWS)
+    return _mma_drain(empty, g0, ksteps, acc, acc_up, EPILOGUE)
+
+
+@gluon.jit
+def _mainloop_interleaved(a_bufs, b_bufs, u_bufs, ready, empty, g0, ksteps, acc, acc_up,
+                          epi_smem, up_smem, prow0, prow_end, ptn, N, HALF,
+                          c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw,
+                          EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, A_ROW: gl.constexpr,
+                          A_ROWS: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr):
+    """``_mainloop``, with the previous tile's epilogue (rows prow0 .. prow_end, column tile ptn, waiting in
+    ``epi_smem``) run one row slice after every ksteps / slices k-steps, while the tensor cores work through the
+    MMAs issued before it. A first tile passes prow_end = prow0: every store of its epilogue is masked off."""
+    BN: gl.constexpr = epi_smem.type.shape[1]
+    NSL: gl.constexpr = epi_smem.type.shape[0] // SUB
+    layout: gl.constexpr = _epilogue_layout(BN, 4)
+    cols = ptn * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
+    col_ok = cols < N
+    kps = ksteps // NSL
+    nxt = _epilogue_loads(prow0, 0, prow_end, cols, col_ok, aux_ptr, rw_ptr, s_auxm, HALF, epi_smem, up_smem,
+                          EPILOGUE, HAS_RW, SUB, layout, False)
+    for r in gl.static_range(NSL):
+        for kk in range(r * kps, (r + 1) * kps):
+            acc, acc_up = _mma_step(a_bufs, b_bufs, u_bufs, ready, empty, g0, kk, acc, acc_up, EPILOGUE, B_KMAJOR,
+                                    A_ROW, A_ROWS)
+        cur = nxt
+        if r + 1 < NSL:
+            nxt = _epilogue_loads(prow0, r + 1, prow_end, cols, col_ok, aux_ptr, rw_ptr, s_auxm, HALF, epi_smem,
+                                  up_smem, EPILOGUE, HAS_RW, SUB, layout, False)
+        _epilogue_slice(epi_smem, up_smem, r, cur, prow0, prow_end, cols, col_ok, ptn, HALF, c_ptr, h_ptr, drw_ptr,
+                        s_cm, s_hm, s_drw, EPILOGUE, HAS_RW, SUB, layout)
+    for kk in range(NSL * kps, ksteps):
+        acc, acc_up = _mma_step(a_bufs, b_bufs, u_bufs, ready, empty, g0, kk, acc, acc_up, EPILOGUE, B_KMAJOR,
+                                A_ROW, A_ROWS)
+    return _mma_drain(empty, g0, ksteps, acc, acc_up, EPILOGUE)
 
 
 @gluon.jit
@@ -202,6 +254,53 @@ def _epilogue_loads(row0, r: gl.constexpr, row_end, cols, col_ok, aux_ptr, rw_pt
     return g, up, w
 
 
+@gluon.constexpr_function
+def _epilogue_layout(BN, num_warps):
+    """Registers of an epilogue row slice: 8 consecutive columns (16 bytes) per thread, rows across warps."""
+    tpw_n = min(BN // 8, 32)
+    return gl.BlockedLayout([1, 8], [32 // tpw_n, tpw_n], [num_warps, 1], [1, 0])
+
+
+@gluon.jit
+def _epilogue_slice(epi_smem, up_smem, r: gl.constexpr, loaded, row0, row_end, cols, col_ok, tn, HALF,
+                    c_ptr, h_ptr, drw_ptr, s_cm, s_hm, s_drw,
+                    EPILOGUE: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr, layout: gl.constexpr):
+    """Row slice r of a tile's epilogue: its values from shared memory, SwiGLU (backward) with the slice's
+    ``loaded`` values (``_epilogue_loads``), masked stores."""
+    g_in, up_in, w = loaded
+    rows = row0 + r * SUB + gl.arange(0, SUB, layout=gl.SliceLayout(1, layout))
+    row_ok = rows < row_end
+    rows64 = rows.to(gl.int64)
+    mask = row_ok[:, None] & col_ok[None, :]
+    v = epi_smem.slice(r * SUB, SUB, dim=0).load(layout)
+    c_ptrs = c_ptr + rows64[:, None] * s_cm + cols[None, :]
+    if EPILOGUE == 0:
+        gl.store(c_ptrs, v, mask=mask)
+    elif EPILOGUE == 1:
+        up = up_smem.slice(r * SUB, SUB, dim=0).load(layout)
+        gl.store(c_ptrs, v, mask=mask)
+        gl.store(c_ptrs + HALF, up, mask=mask)
+        g = v.to(gl.float32)
+        h = g / (1.0 + gl.exp(-g)) * up.to(gl.float32)
+        if HAS_RW:
+            h = h.to(v.dtype).to(gl.float32) * w[:, None]
+        gl.store(h_ptr + rows64[:, None] * s_hm + cols[None, :], h.to(v.dtype), mask=mask)
+    else:
+        g = g_in.to(gl.float32)
+        up = up_in.to(gl.float32)
+        dh = v.to(gl.float32)
+        sig = 1.0 / (1.0 + gl.exp(-g))
+        if HAS_RW:
+            h = (g * sig * up).to(v.dtype).to(gl.float32)
+            part = gl.sum(gl.where(mask, dh * h, 0.0), 1)
+            gl.store(drw_ptr + tn * s_drw + rows64, part, mask=row_ok)
+            dh = (dh * w[:, None]).to(v.dtype).to(gl.float32)
+        d_gate = dh * up * sig * (1.0 + g * (1.0 - sig))
+        d_up = dh * g * sig
+        gl.store(c_ptrs, d_gate.to(v.dtype), mask=mask)
+        gl.store(c_ptrs + HALF, d_up.to(v.dtype), mask=mask)
+
+
 @gluon.jit
 def _epilogue(epi_smem, up_smem, row0, row_end, n0, tn, N, HALF,
               c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, g_smem, u_smem,
@@ -214,49 +313,18 @@ def _epilogue(epi_smem, up_smem, row0, row_end, n0, tn, N, HALF,
     up would cost one round trip per slice."""
     BM: gl.constexpr = epi_smem.type.shape[0]
     BN: gl.constexpr = epi_smem.type.shape[1]
-    VEC: gl.constexpr = 8
-    TPW_N: gl.constexpr = BN // VEC if BN // VEC < 32 else 32
-    layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TPW_N, TPW_N], [num_warps, 1], [1, 0])
+    layout: gl.constexpr = _epilogue_layout(BN, num_warps)
     cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
     col_ok = cols < N
     nxt = _epilogue_loads(row0, 0, row_end, cols, col_ok, aux_ptr, rw_ptr, s_auxm, HALF, g_smem, u_smem, EPILOGUE,
                           HAS_RW, SUB, layout, AUX_TMA)
     for r in gl.static_range(BM // SUB):
-        g_in, up_in, w = nxt
+        cur = nxt
         if r + 1 < BM // SUB:
             nxt = _epilogue_loads(row0, r + 1, row_end, cols, col_ok, aux_ptr, rw_ptr, s_auxm, HALF, g_smem,
                                   u_smem, EPILOGUE, HAS_RW, SUB, layout, AUX_TMA)
-        rows = row0 + r * SUB + gl.arange(0, SUB, layout=gl.SliceLayout(1, layout))
-        row_ok = rows < row_end
-        rows64 = rows.to(gl.int64)
-        mask = row_ok[:, None] & col_ok[None, :]
-        v = epi_smem.slice(r * SUB, SUB, dim=0).load(layout)
-        c_ptrs = c_ptr + rows64[:, None] * s_cm + cols[None, :]
-        if EPILOGUE == 0:
-            gl.store(c_ptrs, v, mask=mask)
-        elif EPILOGUE == 1:
-            up = up_smem.slice(r * SUB, SUB, dim=0).load(layout)
-            gl.store(c_ptrs, v, mask=mask)
-            gl.store(c_ptrs + HALF, up, mask=mask)
-            g = v.to(gl.float32)
-            h = g / (1.0 + gl.exp(-g)) * up.to(gl.float32)
-            if HAS_RW:
-                h = h.to(v.dtype).to(gl.float32) * w[:, None]
-            gl.store(h_ptr + rows64[:, None] * s_hm + cols[None, :], h.to(v.dtype), mask=mask)
-        else:
-            g = g_in.to(gl.float32)
-            up = up_in.to(gl.float32)
-            dh = v.to(gl.float32)
-            sig = 1.0 / (1.0 + gl.exp(-g))
-            if HAS_RW:
-                h = (g * sig * up).to(v.dtype).to(gl.float32)
-                part = gl.sum(gl.where(mask, dh * h, 0.0), 1)
-                gl.store(drw_ptr + tn * s_drw + rows64, part, mask=row_ok)
-                dh = (dh * w[:, None]).to(v.dtype).to(gl.float32)
-            d_gate = dh * up * sig * (1.0 + g * (1.0 - sig))
-            d_up = dh * g * sig
-            gl.store(c_ptrs, d_gate.to(v.dtype), mask=mask)
-            gl.store(c_ptrs + HALF, d_up.to(v.dtype), mask=mask)
+        _epilogue_slice(epi_smem, up_smem, r, cur, row0, row_end, cols, col_ok, tn, HALF, c_ptr, h_ptr, drw_ptr,
+                        s_cm, s_hm, s_drw, EPILOGUE, HAS_RW, SUB, layout)
 
 
 @gluon.jit
@@ -264,10 +332,11 @@ def _consumer(c_id, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_sm
               HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
               x_bufs, x_ready, x_empty,
               EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr,
-              TIMING: gl.constexpr, COOP: gl.constexpr, AUX_TMA: gl.constexpr):
+              TIMING: gl.constexpr, COOP: gl.constexpr, AUX_TMA: gl.constexpr, INTERLEAVE: gl.constexpr):
     """Ping-pong: tiles c_id, c_id + 2, ... of this program (four warps), MMAs in turn with the other consumer,
     then the epilogue while the other one multiplies. Cooperative (``COOP``): every tile of this program, rows
-    c_id * BM .. (c_id + 1) * BM of it (``a_bufs`` is this consumer's half of the A stages), both consumers at once.
+    c_id * BM .. (c_id + 1) * BM of it, both consumers at once; with ``INTERLEAVE`` each tile's epilogue runs in
+    slices between the next tile's k-steps (``_mainloop_interleaved``).
     """
     BM: gl.constexpr = epi_smem.type.shape[0]  # rows of a tile this consumer computes
     BK: gl.constexpr = a_bufs.type.shape[2]
@@ -289,6 +358,9 @@ def _consumer(c_id, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_sm
         first = pid + c_id * nprog
         step = 2 * nprog
         row_off = 0
+    prow0 = pid * 0  # the previous tile (INTERLEAVE): none yet, so its epilogue stores nothing
+    prow_end = prow0
+    ptn = prow0
     for w in range(first, total, step):
         rt = w // NB_N
         tn = w % NB_N
@@ -303,8 +375,15 @@ def _consumer(c_id, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_sm
             t1 = _now(j)
         acc = gl.zeros([BM, BN], gl.float32, mma_layout)
         acc_up = gl.zeros([BM, BN], gl.float32, mma_layout)
-        acc, acc_up = _mainloop(a_bufs, b_bufs, u_bufs, ready, empty, j * ksteps, ksteps, acc, acc_up,
-                                EPILOGUE, B_KMAJOR, A_ROW, BM)
+        if INTERLEAVE:
+            acc, acc_up = _mainloop_interleaved(a_bufs, b_bufs, u_bufs, ready, empty, j * ksteps, ksteps, acc, acc_up,
+                                                epi_smem, up_smem, prow0, prow_end, ptn, N, HALF, c_ptr, aux_ptr,
+                                                h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw,
+                                                EPILOGUE, B_KMAJOR, A_ROW, BM, HAS_RW, SUB)
+            gl.thread_barrier()  # every warp is done with the previous tile's values in epi_smem
+        else:
+            acc, acc_up = _mainloop(a_bufs, b_bufs, u_bufs, ready, empty, j * ksteps, ksteps, acc, acc_up,
+                                    EPILOGUE, B_KMAJOR, A_ROW, BM)
         if not COOP:
             mbarrier.arrive(order.index(1 - c_id))
         if TIMING:
@@ -313,14 +392,19 @@ def _consumer(c_id, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_sm
         if EPILOGUE == 1:
             up_smem.store(acc_up.to(c_ptr.dtype.element_ty))
         gl.thread_barrier()
-        if AUX_TMA:
-            mbarrier.wait(x_ready.index(c_id), j & 1)
-        _epilogue(epi_smem, up_smem, row0, row_end, tn * BN, tn, N, HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr,
-                  s_cm, s_auxm, s_hm, s_drw, x_bufs.index(2 * c_id), x_bufs.index(2 * c_id + 1), EPILOGUE, HAS_RW,
-                  SUB, 4, AUX_TMA)
-        gl.thread_barrier()
-        if AUX_TMA:
-            mbarrier.arrive(x_empty.index(c_id))
+        if INTERLEAVE:
+            prow0 = row0
+            prow_end = row_end
+            ptn = tn
+        else:
+            if AUX_TMA:
+                mbarrier.wait(x_ready.index(c_id), j & 1)
+            _epilogue(epi_smem, up_smem, row0, row_end, tn * BN, tn, N, HALF, c_ptr, aux_ptr, h_ptr, rw_ptr,
+                      drw_ptr, s_cm, s_auxm, s_hm, s_drw, x_bufs.index(2 * c_id), x_bufs.index(2 * c_id + 1),
+                      EPILOGUE, HAS_RW, SUB, 4, AUX_TMA)
+            gl.thread_barrier()
+            if AUX_TMA:
+                mbarrier.arrive(x_empty.index(c_id))
         if TIMING:
             # Program 0's first 64 tiles: [tile, (before the turn, turn, MMAs done, epilogue done)] in ns.
             t3 = _now(j)
@@ -333,6 +417,9 @@ def _consumer(c_id, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_sm
             j += 1
         else:
             j += 2
+    if INTERLEAVE:  # the last tile's epilogue
+        _epilogue(epi_smem, up_smem, prow0, prow_end, ptn * BN, ptn, N, HALF, c_ptr, aux_ptr, h_ptr, rw_ptr,
+                  drw_ptr, s_cm, s_auxm, s_hm, s_drw, epi_smem, up_smem, EPILOGUE, HAS_RW, SUB, 4, False)
 
 
 @gluon.jit
@@ -341,7 +428,7 @@ def _ws_rows_kernel(
     MAX_T, N, K, NB_N, HALF, N_ROWS, s_cm, s_auxm, s_hm, s_drw,
     STAGES: gl.constexpr, EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, HAS_RW: gl.constexpr,
     SUB: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, TIMING: gl.constexpr,
-    COOP: gl.constexpr, AUX_TMA: gl.constexpr,
+    COOP: gl.constexpr, AUX_TMA: gl.constexpr, INTERLEAVE: gl.constexpr,
 ):
     BM: gl.constexpr = a_desc.block_type.shape[0]
     BN: gl.constexpr = b_desc.block_type.shape[0] if B_KMAJOR else b_desc.block_type.shape[1]
@@ -389,10 +476,12 @@ def _ws_rows_kernel(
     gl.warp_specialize([
         (_consumer, (0, a_bufs, b_bufs, u_bufs, ready, empty, order, epi0, up0, table_ptr, MAX_T, NB_N, K, N, HALF,
                      c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
-                     x_bufs, x_ready, x_empty, EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING, COOP, AUX_TMA)),
+                     x_bufs, x_ready, x_empty, EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING, COOP, AUX_TMA,
+                     INTERLEAVE)),
         (_consumer, (1, a_bufs, b_bufs, u_bufs, ready, empty, order, epi1, up1, table_ptr, MAX_T, NB_N, K, N, HALF,
                      c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
-                     x_bufs, x_ready, x_empty, EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING, COOP, AUX_TMA)),
+                     x_bufs, x_ready, x_empty, EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING, COOP, AUX_TMA,
+                     INTERLEAVE)),
         (_producer, (a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_ptr, MAX_T, NB_N, K, HALF, N_ROWS,
                      x_desc, x_bufs, x_ready, x_empty, EPILOGUE, B_KMAJOR, AUX_TMA)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -402,7 +491,7 @@ def _ws_rows_kernel(
 def compile_only(arch: int = 90, *, epilogue: int = _PLAIN, b_kmajor: bool = False, has_rw: bool = False,
                  bm: int = 128, bn: int = 128, bk: int = 64, stages: int = 4, sub: int = 32,
                  consumer_regs: int = 232, producer_regs: int = 40, maxnreg: int = 168, timing: bool = False,
-                 coop: bool = False, aux_tma: bool = True):
+                 coop: bool = False, aux_tma: bool = True, interleave: bool = False):
     """Compile the kernel for ``sm_<arch>`` without a GPU (CPU is fine) and return Triton's compiled kernel, whose
     ``asm`` holds the TTGIR, PTX and cubin: tests check on the CPU that it is warp-specialised."""
     from triton.backends.compiler import GPUTarget  # noqa: PLC0415
@@ -411,7 +500,8 @@ def compile_only(arch: int = 90, *, epilogue: int = _PLAIN, b_kmajor: bool = Fal
 
     probe = torch.empty(2 * max(bm, bn, bk), 2 * max(bm, bn, bk), dtype=torch.bfloat16)
     b_block = [bn, bk] if b_kmajor else [bk, bn]
-    aux_tma = bool(aux_tma and coop and epilogue == _SWIGLU_BWD)
+    interleave = bool(interleave and coop)
+    aux_tma = bool(aux_tma and coop and epilogue == _SWIGLU_BWD and not interleave)
     x_block = [bm // 2, bn] if aux_tma else [bm, bk]
     descs = [TensorDescriptor.from_tensor(probe, block, gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16))
              for block in ([bm, bk], b_block, x_block)]
@@ -421,7 +511,7 @@ def compile_only(arch: int = 90, *, epilogue: int = _PLAIN, b_kmajor: bool = Fal
     signature = dict(zip(names, types + ["i32"] * 10, strict=True))
     constexprs = {"STAGES": stages, "EPILOGUE": epilogue, "B_KMAJOR": b_kmajor, "HAS_RW": has_rw, "SUB": sub,
                   "CONSUMER_REGS": consumer_regs, "PRODUCER_REGS": producer_regs, "TIMING": timing,
-                  "COOP": bool(coop), "AUX_TMA": aux_tma}
+                  "COOP": bool(coop), "AUX_TMA": aux_tma, "INTERLEAVE": interleave}
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     # As the launcher specialises them on a GPU: pointers and the sizes of the benchmark shapes are 16-divisible.
     divisible = names[3:10] + ["N", "K", "HALF", "N_ROWS", "s_cm", "s_auxm", "s_hm"]
@@ -440,12 +530,14 @@ def ws_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, bm: int 
                row_weights: torch.Tensor | None = None, sub: int = 32, consumer_regs: int = 232,
                producer_regs: int = 40, maxnreg: int | None = 168, table: tuple[torch.Tensor, int] | None = None,
                num_programs: int | None = None, timing: torch.Tensor | None = None, coop: bool = False,
-               aux_tma: bool = True):
+               aux_tma: bool = True, interleave: bool = False):
     """``triton_grouped.grouped_rows_mm`` on the warp-specialised kernel (same arguments and results); ``bn`` is
     per SwiGLU half for the SwiGLU epilogue. ``coop``: both consumers work on each ``bm`` x ``bn`` tile, ``bm / 2``
     rows each (CUTLASS's "cooperative" schedule), instead of taking alternate tiles ("ping-pong"). ``aux_tma``
     (cooperative SwiGLU backward only): the producer loads each tile's saved gate and up values into shared memory
-    while the tile's MMAs run, instead of the epilogue loading them."""
+    while the tile's MMAs run, instead of the epilogue loading them. ``interleave`` (cooperative only): each tile's
+    epilogue runs in row slices of ``sub`` between the next tile's k-steps, so that it overlaps MMAs (``aux_tma``
+    is then off)."""
     if row_weights is not None and epilogue == _PLAIN:
         raise ValueError("row_weights apply to the SwiGLU epilogues only")
     a = a.contiguous()
@@ -473,7 +565,8 @@ def ws_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, bm: int 
         a_desc = TensorDescriptor.from_tensor(a, [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk], gdt))
         b_block = [bn, bk] if b_kmajor else [bk, bn]
         b_desc = TensorDescriptor.from_tensor(storage, b_block, gl.NVMMASharedLayout.get_default_for(b_block, gdt))
-        aux_tma = bool(aux_tma and coop and epilogue == _SWIGLU_BWD)
+        interleave = bool(interleave and coop)
+        aux_tma = bool(aux_tma and coop and epilogue == _SWIGLU_BWD and not interleave)
         x_desc = a_desc
         if aux_tma:
             x_desc = TensorDescriptor.from_tensor(aux, [bm // 2, bn],
@@ -486,7 +579,7 @@ def ws_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, bm: int 
             max_t, n, k, nb_n, half, n_out, c.stride(0), aux.stride(0), h.stride(0), drw.stride(0),
             STAGES=stages, EPILOGUE=epilogue, B_KMAJOR=b_kmajor, HAS_RW=has_rw, SUB=sub,
             CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, TIMING=timing is not None, COOP=bool(coop),
-            AUX_TMA=aux_tma,
+            AUX_TMA=aux_tma, INTERLEAVE=interleave,
             num_warps=4,
             **kwargs,
         )

@@ -50,14 +50,16 @@ def test_tile_table_matches_reference_in_interpreter(seed):
 
 
 @needs_gluon
-@pytest.mark.parametrize("epilogue,b_kmajor,has_rw,bn,coop", [
-    (0, False, False, 128, False), (0, True, False, 128, False), (1, False, True, 64, False),
-    (2, True, True, 128, False), (0, True, False, 256, True), (1, False, True, 128, True), (2, True, True, 128, True)])
-def test_kernel_compiles_warp_specialised_for_sm90(epilogue, b_kmajor, has_rw, bn, coop):
+@pytest.mark.parametrize("epilogue,b_kmajor,has_rw,bn,coop,interleave", [
+    (0, False, False, 128, False, False), (0, True, False, 128, False, False), (1, False, True, 64, False, False),
+    (2, True, True, 128, False, False), (0, True, False, 256, True, False), (1, False, True, 128, True, False),
+    (2, True, True, 128, True, False), (2, True, True, 128, True, True), (1, False, True, 128, True, True)])
+def test_kernel_compiles_warp_specialised_for_sm90(epilogue, b_kmajor, has_rw, bn, coop, interleave):
     from lightning_moe.moe import gluon_grouped as gg
 
     kernel = gg.compile_only(90, epilogue=epilogue, b_kmajor=b_kmajor, has_rw=has_rw, bn=bn, coop=coop,
-                             stages=3 if coop and (bn == 256 or epilogue == 1) else 4)
+                             stages=3 if coop and (bn == 256 or epilogue == 1) else 4, interleave=interleave,
+                             sub=8 if interleave else 32)
     ptx = kernel.asm["ptx"]
     # Three partitions (two MMA consumers, one TMA producer) that hand registers over at run time.
     assert "ttg.warp_specialize" in kernel.asm["ttgir"]
@@ -71,8 +73,8 @@ def test_kernel_compiles_warp_specialised_for_sm90(epilogue, b_kmajor, has_rw, b
 @needs_gluon
 @pytest.mark.parametrize("op", ["fwd1", "fwd2", "dgrad2", "dgrad1"])
 @pytest.mark.parametrize("row_weights", [False, True])
-@pytest.mark.parametrize("coop", [False, True], ids=["pingpong", "coop"])
-def test_gpu_matches_triton_rows(seed, op, row_weights, coop):
+@pytest.mark.parametrize("schedule", ["pingpong", "coop", "coop_interleaved"])
+def test_gpu_matches_triton_rows(seed, op, row_weights, schedule):
     from lightning_moe.moe import gluon_grouped as gg
     from lightning_moe.moe import triton_grouped as tg
 
@@ -97,8 +99,10 @@ def test_gpu_matches_triton_rows(seed, op, row_weights, coop):
     kw = {"fwd1": {"epilogue": 1, "row_weights": rw}, "dgrad2": {"epilogue": 2, "aux": rnd(n, 2 * hidden),
                                                                   "row_weights": rw}}.get(op, {})
     ref = tg.grouped_rows_mm(x, b, offs, cfg, **kw)
-    if coop:  # the tiles the benchmark runs: 128 x 256 (fwd1: 128 gate + 128 up columns), 3 stages
+    if schedule != "pingpong":  # 128 x 256 tiles (fwd1: 128 gate + 128 up columns), 3 stages; dgrad2 128 x 128
         tile = {"bn": 128 if op in ("fwd1", "dgrad2") else 256, "stages": 4 if op == "dgrad2" else 3, "coop": True}
+        if schedule == "coop_interleaved":
+            tile.update(interleave=True, sub=8)
     else:
         tile = {"bn": 64 if op == "fwd1" else 128}
     out = gg.ws_rows_mm(x, b, offs, **tile, **kw)
