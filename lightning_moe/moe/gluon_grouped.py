@@ -39,12 +39,11 @@ _PLAIN, _SWIGLU, _SWIGLU_BWD = 0, 1, 2
 # ``ws_rows_mm`` keywords per row GEMM of the experts (``triton_grouped.CONFIGS``' keys), the fastest of
 # benchmarks/gluon_grouped_bench.py on an H200 (ms, Triton's ``CONFIGS`` in the same process in brackets):
 CONFIGS: dict[str, dict] = {
-    "fwd1": {"bn": 64, "stages": 4},  # ping-pong, 128 x (64 gate + 64 up) per consumer: 1.946 (2.067)
-    "fwd2": {"bn": 128, "stages": 4},  # ping-pong, 128 x 128: 0.934 (0.974)
-    # cooperative, 2 x 64 x 128: 1.322 (1.403); epilogue interleaved: not measured yet
-    "dgrad2": {"bn": 128, "stages": 4, "coop": True, "interleave": True, "sub": 8},
-    # cooperative, 2 x 64 x 256: 1.791 (1.870); epilogue interleaved: not measured yet
-    "dgrad1": {"bn": 256, "stages": 3, "coop": True, "interleave": True, "sub": 8},
+    # all four cooperative (two consumers x 64 rows), epilogue interleaved with the next tile's k-steps
+    "fwd1": {"bn": 128, "stages": 3, "coop": True, "interleave": True, "sub": 8},  # 1.868 (2.040)
+    "fwd2": {"bn": 256, "stages": 3, "coop": True, "interleave": True, "sub": 8},  # 0.879 (0.971)
+    "dgrad2": {"bn": 128, "stages": 4, "coop": True, "interleave": True, "sub": 8},  # 1.203 (1.390)
+    "dgrad1": {"bn": 256, "stages": 3, "coop": True, "interleave": True, "sub": 8},  # 1.704 (1.828)
 }
 
 
