@@ -1,7 +1,10 @@
 """The warp-specialised Gluon row GEMMs (lightning_moe/moe/gluon_grouped.py) against the Triton ones (GPU, sm_90).
 
     python benchmarks/gluon_grouped_bench.py                 # check + time the four row GEMMs of the benchmark layer
-    python benchmarks/gluon_grouped_bench.py --ops fwd1 --variants "stages=5;sub=64"
+    python benchmarks/gluon_grouped_bench.py --ops fwd1 --variants "stages=5;sub=16"
+    python benchmarks/gluon_grouped_bench.py --variants "timing=1;coop=0,interleave=0,stages=4"   # + ping-pong
+
+A variant's keywords (``ws_rows_mm``'s) override the tiles the layer runs, ``gluon_grouped.CONFIGS``.
 
 Each GEMM runs in a child process that is killed after ``--timeout`` seconds, so a kernel that hangs (a barrier
 waiting forever) costs one timeout, not the session. Every variant is first checked against
@@ -63,12 +66,14 @@ def _calls(op, p, variant):
     contig_b, epi = variant.pop("contig_b", 0), variant.pop("epi", None)
     variant.pop("timing", None)
     no_rw = variant.pop("no_rw", 0)
+    # A variant's keywords override the tiles the layer runs (gluon_grouped.CONFIGS); the ping-pong schedule of the
+    # first version is coop=0,interleave=0 (with bn=64 for fwd1, bn=128 and stages=4 for the others).
+    variant = {**gg.CONFIGS[op], **variant}
     x, w13, w2, offs, rw = p["x"], p["w13"], p["w2"], p["offs"], p["rw"]
     n, d, hid = p["n"], p["dim"], p["ffn"]
     if op == "fwd1":
-        kw = {"bn": 64, **variant}
         return (lambda: tg.grouped_rows_mm(x, w13, offs, cfg["fwd1"], epilogue=1, row_weights=rw),
-                lambda: gg.ws_rows_mm(x, w13, offs, epilogue=1, row_weights=rw, **kw), 2 * n * d * 2 * hid)
+                lambda: gg.ws_rows_mm(x, w13, offs, epilogue=1, row_weights=rw, **variant), 2 * n * d * 2 * hid)
     if op == "fwd2":
         return (lambda: tg.grouped_rows_mm(p["h"], w2, offs, cfg["fwd2"]),
                 lambda: gg.ws_rows_mm(p["h"], w2, offs, **variant), 2 * n * hid * d)
