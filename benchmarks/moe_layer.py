@@ -22,6 +22,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -177,18 +178,12 @@ def layer_variants(name, layer, xl, run_compiled, record, args, device) -> None:
     if name == "triton":
         from lightning_moe.moe import triton_grouped
 
-        if "triton_wgrad" in wanted:
-            triton_grouped.WGRAD = "triton"
-            try:
-                timed("Triton weight gradients", "previous form: triton_grouped.WGRAD=triton", fresh())
-            finally:
-                triton_grouped.WGRAD = "auto"
-        if "triton_rows" in wanted:
-            triton_grouped.ROWS = "triton"
-            try:
-                timed("Triton row GEMMs", "previous form: triton_grouped.ROWS=triton", fresh())
-            finally:
-                triton_grouped.ROWS = "auto"
+        # Backends of the triton kernel switched back to the Triton kernels: variant -> (setting, row label).
+        backends = {"triton_wgrad": ("WGRAD", "Triton weight gradients"), "triton_rows": ("ROWS", "Triton row GEMMs")}
+        for key, (setting, label) in backends.items():
+            if key in wanted:
+                with mock.patch.object(triton_grouped, setting, "triton"):
+                    timed(label, f"previous form: triton_grouped.{setting}=triton", fresh())
         configs = dict(triton_grouped.CONFIGS)
         if "per_tile" in wanted and any(c.persistent for c in configs.values()):
             triton_grouped.CONFIGS.update({k: dataclasses.replace(c, persistent=False) for k, c in configs.items()})
