@@ -91,10 +91,13 @@ def _calls(op, p, variant):
 
 
 def _timeline(op, p, variant):
-    """Program 0's consumers, median over its tiles 4..63 (microseconds): waiting for the MMA turn, MMAs, epilogue."""
+    """Program 0's consumers, median over its tiles 4..63 (microseconds): waiting for the MMA turn, MMAs, epilogue;
+    and over all programs: the spread of their start times, their spans (min / median / max), the kernel's span
+    (first start to last end) and its tail (last end less the median end)."""
     import torch  # noqa: PLC0415
 
-    buf = torch.zeros(64 * 4, dtype=torch.int64, device="cuda")
+    programs = torch.cuda.get_device_properties(0).multi_processor_count
+    buf = torch.zeros(256 + 4 * programs, dtype=torch.int64, device="cuda")
     import lightning_moe.moe.gluon_grouped as gg  # noqa: PLC0415
 
     real = gg.ws_rows_mm
@@ -105,11 +108,17 @@ def _timeline(op, p, variant):
         torch.cuda.synchronize()
     finally:
         gg.ws_rows_mm = real
-    t = buf.view(64, 4).double().cpu() / 1e3
+    t = buf[:256].view(64, 4).double().cpu() / 1e3
     t = t[4:][t[4:, 3] > 0]
+    per_program = buf[256:].view(programs, 2, 2).double().cpu() / 1e3  # [program, consumer, (start, end)]
+    start, end = per_program[..., 0].min(1).values, per_program[..., 1].max(1).values
+    span = end - start
     return {"wait_us": t[:, 1].sub(t[:, 0]).median().item(), "mma_us": t[:, 2].sub(t[:, 1]).median().item(),
             "epilogue_us": t[:, 3].sub(t[:, 2]).median().item(),
-            "period_us": t[1:, 1].sub(t[:-1, 1]).median().item(), "tiles": int(t.shape[0])}
+            "period_us": t[1:, 1].sub(t[:-1, 1]).median().item(), "tiles": int(t.shape[0]),
+            "start_spread_us": (start.max() - start.min()).item(),
+            "program_span_us": [span.min().item(), span.median().item(), span.max().item()],
+            "kernel_span_us": (end.max() - start.min()).item(), "tail_us": (end.max() - end.median()).item()}
 
 
 def _rel(a, b):

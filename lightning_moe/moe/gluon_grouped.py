@@ -357,6 +357,8 @@ def _consumer(c_id, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_sm
         first = pid + c_id * nprog
         step = 2 * nprog
         row_off = 0
+    if TIMING:
+        t_begin = _now(pid)
     prow0 = pid * 0  # the previous tile (INTERLEAVE): none yet, so its epilogue stores nothing
     prow_end = prow0
     ptn = prow0
@@ -419,6 +421,11 @@ def _consumer(c_id, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_sm
     if INTERLEAVE:  # the last tile's epilogue
         _epilogue(epi_smem, up_smem, prow0, prow_end, ptn * BN, ptn, N, HALF, c_ptr, aux_ptr, h_ptr, rw_ptr,
                   drw_ptr, s_cm, s_auxm, s_hm, s_drw, epi_smem, up_smem, EPILOGUE, HAS_RW, SUB, 4, False)
+    if TIMING:
+        # Every program, consumer c_id: [256 + 4 * pid + 2 * c_id + (start, end)] in ns.
+        t_end = _now(j)
+        gl.store(dbg_ptr + 256 + 4 * pid + 2 * c_id, t_begin)
+        gl.store(dbg_ptr + 256 + 4 * pid + 2 * c_id + 1, t_end)
 
 
 @gluon.jit
@@ -536,7 +543,8 @@ def ws_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, bm: int 
     (cooperative SwiGLU backward only): the producer loads each tile's saved gate and up values into shared memory
     while the tile's MMAs run, instead of the epilogue loading them. ``interleave`` (cooperative only): each tile's
     epilogue runs in row slices of ``sub`` between the next tile's k-steps, so that it overlaps MMAs (``aux_tma``
-    is then off)."""
+    is then off). ``timing``: an int64 tensor of at least 256 + 4 x programs zeros, which receives %globaltimer
+    readings: program 0's first 64 tiles (4 each), then every program's start and end (2 per consumer)."""
     if row_weights is not None and epilogue == _PLAIN:
         raise ValueError("row_weights apply to the SwiGLU epilogues only")
     a = a.contiguous()

@@ -111,3 +111,13 @@ def test_gpu_matches_triton_rows(seed, op, row_weights, schedule):
         assert o.shape == r.shape
         err = ((o.float() - r.float()).norm() / r.float().norm()).item()
         assert err < 1e-2, (op, err)
+
+
+@needs_gluon
+def test_timing_build_reads_the_global_timer():
+    from lightning_moe.moe import gluon_grouped as gg
+
+    plain = gg.compile_only(90, epilogue=2, b_kmajor=True, has_rw=True, coop=True, interleave=True, sub=8)
+    timed = gg.compile_only(90, epilogue=2, b_kmajor=True, has_rw=True, coop=True, interleave=True, sub=8,
+                            timing=True)
+    assert "%globaltimer" in timed.asm["ptx"] and "%globaltimer" not in plain.asm["ptx"]
