@@ -1,14 +1,16 @@
 """Warp-specialised grouped row GEMMs for Hopper, written in Gluon (``triton.experimental.gluon``).
 
 The same products as ``triton_grouped._rows_kernel`` (``out[rows of e] = a[rows of e] @ b[e]`` with the plain,
-SwiGLU and SwiGLU-backward epilogues), scheduled the way CUTLASS's "ping-pong" Hopper kernels are (or, with
-``coop``, its "cooperative" ones: both consumers share each tile, half its rows each):
+SwiGLU and SwiGLU-backward epilogues), with the schedules of CUTLASS's Hopper kernels:
 
 - one persistent program per SM walks the output tiles (expert row tile x column tile) of a table built on the GPU;
 - a one-warp **producer** partition issues the TMA loads of every tile into a ring of shared-memory stages;
-- two four-warp **consumer** partitions take alternate tiles: while one runs its tile's MMAs (``wgmma``), the other
-  runs its epilogue (SwiGLU, stores), so the tensor cores do not wait for epilogues. An ordering barrier hands the
-  MMA turn from one consumer to the other, which also keeps their waits on the shared ring in step.
+- two four-warp **consumer** partitions run the MMAs (``wgmma``) and the epilogues, either
+  - **ping-pong** (default): they take alternate tiles, and while one runs its tile's MMAs the other runs its
+    epilogue; an ordering barrier hands the MMA turn from one to the other; or
+  - **cooperative** (``coop``, what ``CONFIGS`` uses): both work on every tile, half its rows each, and with
+    ``interleave`` each tile's epilogue runs in row slices between the next tile's k-steps, so that it overlaps
+    the MMAs already issued.
 
 The epilogue rounds the accumulator to 16 bits into shared memory and reads it back in row slices, so that the SwiGLU
 arithmetic holds few values per thread. Rows of a tile that belong to the next expert are computed but never stored
