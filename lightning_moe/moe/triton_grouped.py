@@ -453,6 +453,9 @@ def _rows_backend(a: torch.Tensor, *bs: torch.Tensor) -> str:
 def rows_mm(op: str, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, cfgs: dict[str, TileConfig], **kwargs):
     """Row GEMM ``op`` (a key of ``CONFIGS``) of ``grouped_rows_mm`` on the backend ``ROWS`` picks."""
     if _rows_backend(a, b) == "gluon":
+        if not (a.device.type == "cuda" and torch.cuda.get_device_capability(a.device) == (9, 0)):
+            raise RuntimeError(f"triton_grouped.ROWS='gluon' needs a Hopper GPU (sm_90), not {a.device}; "
+                               "'auto' falls back to the Triton row GEMMs")
         from lightning_moe.moe import gluon_grouped  # noqa: PLC0415
 
         return gluon_grouped.ws_rows_mm(a, b, offs, **gluon_grouped.CONFIGS[op], **kwargs)

@@ -190,6 +190,9 @@ def test_row_gemm_backend_choice(monkeypatch):
     assert tg._rows_backend(a, b) == "triton"  # "auto" off a Hopper GPU
     monkeypatch.setattr(tg, "ROWS", "gluon")
     assert tg._rows_backend(a, b) == "gluon"
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="needs a Hopper GPU"):
+            tg.rows_mm("fwd2", a, b, torch.tensor([2, 4], dtype=torch.int32), tg.CONFIGS)
     monkeypatch.setattr(tg, "ROWS", "cutlass")
     with pytest.raises(ValueError, match="must be 'auto', 'triton' or 'gluon'"):
         tg._rows_backend(a, b)
