@@ -440,6 +440,13 @@ def _gluon_importable() -> bool:
     return True
 
 
+def _gluon_shapes_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The Gluon kernels load through TMA only: 16-byte aligned rows of a and of b's storage (a has no pointer-load
+    fallback as the Triton kernels have)."""
+    size = a.element_size()
+    return a.data_ptr() % 16 == 0 and all((n * size) % 16 == 0 for n in (a.shape[1], b.shape[1], b.shape[2]))
+
+
 def _rows_backend(a: torch.Tensor, *bs: torch.Tensor) -> str:
     if ROWS not in ("auto", "triton", "gluon"):
         raise ValueError(f"triton_grouped.ROWS={ROWS!r}: must be 'auto', 'triton' or 'gluon'")
@@ -447,7 +454,8 @@ def _rows_backend(a: torch.Tensor, *bs: torch.Tensor) -> str:
         return ROWS
     hopper = a.device.type == "cuda" and torch.cuda.get_device_capability(a.device) == (9, 0)
     sixteen_bit = a.dtype in (torch.bfloat16, torch.float16) and all(b.dtype == a.dtype for b in bs)
-    return "gluon" if hopper and sixteen_bit and a.shape[0] > 0 and _gluon_importable() else "triton"
+    shapes_ok = all(_gluon_shapes_ok(a, b) for b in bs)
+    return "gluon" if hopper and sixteen_bit and a.shape[0] > 0 and shapes_ok and _gluon_importable() else "triton"
 
 
 def rows_mm(op: str, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, cfgs: dict[str, TileConfig], **kwargs):

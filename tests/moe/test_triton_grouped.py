@@ -193,6 +193,11 @@ def test_row_gemm_backend_choice(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="needs a Hopper GPU"):
             tg.rows_mm("fwd2", a, b, torch.tensor([2, 4], dtype=torch.int32), tg.CONFIGS)
+    # TMA-only kernels: rows of 16 bytes' multiples, or "auto" keeps the Triton kernels.
+    assert tg._gluon_shapes_ok(a, b)
+    a12 = torch.randn(4, 12, dtype=torch.bfloat16)
+    assert not tg._gluon_shapes_ok(a12, torch.randn(2, 12, 8, dtype=torch.bfloat16))
+    assert not tg._gluon_shapes_ok(a, torch.randn(2, 8, 20, dtype=torch.bfloat16))
     monkeypatch.setattr(tg, "ROWS", "cutlass")
     with pytest.raises(ValueError, match="must be 'auto', 'triton' or 'gluon'"):
         tg._rows_backend(a, b)
