@@ -94,12 +94,8 @@ def _now(dep):
 
 @gluon.jit
 def _producer(a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_ptr, MAX_T, NB_N, K, HALF, N_ROWS,
-              x_desc, x_bufs, x_ready, x_empty, EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr,
-              AUX_TMA: gl.constexpr):
-    """TMA loads of every k-step of every tile of this program into the stage ring (one warp).
-
-    ``AUX_TMA`` (cooperative SwiGLU backward): also the tile's saved gate and up values, each consumer's rows into
-    its pair of ``x_bufs``, once the ring is full, so that they arrive while the tile's MMAs run."""
+              EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr):
+    """TMA loads of every k-step of every tile of this program into the stage ring (one warp)."""
     BK: gl.constexpr = a_desc.block_type.shape[1]
     BN: gl.constexpr = b_desc.block_type.shape[0] if B_KMAJOR else b_desc.block_type.shape[1]
     S: gl.constexpr = a_bufs.type.shape[0]
@@ -113,7 +109,6 @@ def _producer(a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_ptr, M
     rt = gl.minimum(pid // NB_N, MAX_T - 1)
     e_next = gl.load(table_ptr + rt)
     row0_next = gl.load(table_ptr + MAX_T + rt)
-    j = 0
     for w in range(pid, total, nprog):
         n0 = (w % NB_N) * BN
         e = e_next
@@ -135,18 +130,6 @@ def _producer(a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_ptr, M
             if EPILOGUE == 1:
                 tma.async_copy_global_to_shared(b_desc, [e * K + k0, HALF + n0], bar, u_bufs.index(s))
             g += 1
-            if AUX_TMA:
-                if kk == gl.minimum(S, ksteps) - 1:
-                    XM: gl.constexpr = x_desc.block_type.shape[0]
-                    for c in gl.static_range(2):
-                        # Consumer c's epilogue of the previous tile has read its buffers.
-                        mbarrier.wait(x_empty.index(c), (j & 1) ^ 1)
-                        xbar = x_ready.index(c)
-                        mbarrier.expect(xbar, 2 * x_desc.block_type.nbytes)
-                        tma.async_copy_global_to_shared(x_desc, [row0 + c * XM, n0], xbar, x_bufs.index(2 * c))
-                        tma.async_copy_global_to_shared(x_desc, [row0 + c * XM, HALF + n0], xbar,
-                                                        x_bufs.index(2 * c + 1))
-        j += 1
 
 
 @gluon.jit
@@ -212,16 +195,16 @@ def _mainloop_interleaved(a_bufs, b_bufs, u_bufs, ready, empty, g0, ksteps, acc,
     cols = ptn * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
     col_ok = cols < N
     kps = ksteps // NSL
-    nxt = _epilogue_loads(prow0, 0, prow_end, cols, col_ok, aux_ptr, rw_ptr, s_auxm, HALF, epi_smem, up_smem,
-                          EPILOGUE, HAS_RW, SUB, layout, False)
+    nxt = _epilogue_loads(prow0, 0, prow_end, cols, col_ok, aux_ptr, rw_ptr, s_auxm, HALF, EPILOGUE, HAS_RW, SUB,
+                          layout)
     for r in gl.static_range(NSL):
         for kk in range(r * kps, (r + 1) * kps):
             acc, acc_up = _mma_step(a_bufs, b_bufs, u_bufs, ready, empty, g0, kk, acc, acc_up, EPILOGUE, B_KMAJOR,
                                     A_ROW, A_ROWS)
         cur = nxt
         if r + 1 < NSL:
-            nxt = _epilogue_loads(prow0, r + 1, prow_end, cols, col_ok, aux_ptr, rw_ptr, s_auxm, HALF, epi_smem,
-                                  up_smem, EPILOGUE, HAS_RW, SUB, layout, False)
+            nxt = _epilogue_loads(prow0, r + 1, prow_end, cols, col_ok, aux_ptr, rw_ptr, s_auxm, HALF, EPILOGUE,
+                                  HAS_RW, SUB, layout)
         _epilogue_slice(epi_smem, up_smem, r, cur, prow0, prow_end, cols, col_ok, ptn, HALF, c_ptr, h_ptr, drw_ptr,
                         s_cm, s_hm, s_drw, EPILOGUE, HAS_RW, SUB, layout)
     for kk in range(NSL * kps, ksteps):
@@ -231,21 +214,16 @@ def _mainloop_interleaved(a_bufs, b_bufs, u_bufs, ready, empty, g0, ksteps, acc,
 
 
 @gluon.jit
-def _epilogue_loads(row0, r: gl.constexpr, row_end, cols, col_ok, aux_ptr, rw_ptr, s_auxm, HALF, g_smem, u_smem,
-                    EPILOGUE: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr, layout: gl.constexpr,
-                    AUX_TMA: gl.constexpr):
-    """Loads of row slice r of the epilogue: saved gate and up values (SwiGLU backward; from shared memory with
-    ``AUX_TMA``) and row weights."""
+def _epilogue_loads(row0, r: gl.constexpr, row_end, cols, col_ok, aux_ptr, rw_ptr, s_auxm, HALF,
+                    EPILOGUE: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr, layout: gl.constexpr):
+    """Global loads of row slice r of the epilogue: saved gate and up values (SwiGLU backward) and row weights."""
     rows = row0 + r * SUB + gl.arange(0, SUB, layout=gl.SliceLayout(1, layout))
     row_ok = rows < row_end
     rows64 = rows.to(gl.int64)
     g = gl.zeros([SUB, 1], gl.bfloat16, layout)
     up = g
     w = gl.zeros([SUB], gl.float32, gl.SliceLayout(1, layout))
-    if AUX_TMA:
-        g = g_smem.slice(r * SUB, SUB, dim=0).load(layout)
-        up = u_smem.slice(r * SUB, SUB, dim=0).load(layout)
-    elif EPILOGUE == 2:
+    if EPILOGUE == 2:
         mask = row_ok[:, None] & col_ok[None, :]
         aux_ptrs = aux_ptr + rows64[:, None] * s_auxm + cols[None, :]
         g = gl.load(aux_ptrs, mask=mask, other=0.0)
@@ -304,9 +282,8 @@ def _epilogue_slice(epi_smem, up_smem, r: gl.constexpr, loaded, row0, row_end, c
 
 @gluon.jit
 def _epilogue(epi_smem, up_smem, row0, row_end, n0, tn, N, HALF,
-              c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, g_smem, u_smem,
-              EPILOGUE: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr, num_warps: gl.constexpr,
-              AUX_TMA: gl.constexpr):
+              c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw,
+              EPILOGUE: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr, num_warps: gl.constexpr):
     """Stores of one tile from its 16-bit copy in shared memory, SUB rows at a time.
 
     The global loads of row slice r + 1 are issued before slice r is computed and stored: while the other consumer
@@ -317,13 +294,13 @@ def _epilogue(epi_smem, up_smem, row0, row_end, n0, tn, N, HALF,
     layout: gl.constexpr = _epilogue_layout(BN, num_warps)
     cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
     col_ok = cols < N
-    nxt = _epilogue_loads(row0, 0, row_end, cols, col_ok, aux_ptr, rw_ptr, s_auxm, HALF, g_smem, u_smem, EPILOGUE,
-                          HAS_RW, SUB, layout, AUX_TMA)
+    nxt = _epilogue_loads(row0, 0, row_end, cols, col_ok, aux_ptr, rw_ptr, s_auxm, HALF, EPILOGUE, HAS_RW, SUB,
+                          layout)
     for r in gl.static_range(BM // SUB):
         cur = nxt
         if r + 1 < BM // SUB:
-            nxt = _epilogue_loads(row0, r + 1, row_end, cols, col_ok, aux_ptr, rw_ptr, s_auxm, HALF, g_smem,
-                                  u_smem, EPILOGUE, HAS_RW, SUB, layout, AUX_TMA)
+            nxt = _epilogue_loads(row0, r + 1, row_end, cols, col_ok, aux_ptr, rw_ptr, s_auxm, HALF, EPILOGUE,
+                                  HAS_RW, SUB, layout)
         _epilogue_slice(epi_smem, up_smem, r, cur, row0, row_end, cols, col_ok, tn, HALF, c_ptr, h_ptr, drw_ptr,
                         s_cm, s_hm, s_drw, EPILOGUE, HAS_RW, SUB, layout)
 
@@ -331,9 +308,8 @@ def _epilogue(epi_smem, up_smem, row0, row_end, n0, tn, N, HALF,
 @gluon.jit
 def _consumer(c_id, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_smem, table_ptr, MAX_T, NB_N, K, N,
               HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
-              x_bufs, x_ready, x_empty,
               EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr,
-              TIMING: gl.constexpr, COOP: gl.constexpr, AUX_TMA: gl.constexpr, INTERLEAVE: gl.constexpr):
+              TIMING: gl.constexpr, COOP: gl.constexpr, INTERLEAVE: gl.constexpr):
     """Ping-pong: tiles c_id, c_id + 2, ... of this program (four warps), MMAs in turn with the other consumer,
     then the epilogue while the other one multiplies. Cooperative (``COOP``): every tile of this program, rows
     c_id * BM .. (c_id + 1) * BM of it, both consumers at once; with ``INTERLEAVE`` each tile's epilogue runs in
@@ -400,14 +376,9 @@ def _consumer(c_id, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_sm
             prow_end = row_end
             ptn = tn
         else:
-            if AUX_TMA:
-                mbarrier.wait(x_ready.index(c_id), j & 1)
             _epilogue(epi_smem, up_smem, row0, row_end, tn * BN, tn, N, HALF, c_ptr, aux_ptr, h_ptr, rw_ptr,
-                      drw_ptr, s_cm, s_auxm, s_hm, s_drw, x_bufs.index(2 * c_id), x_bufs.index(2 * c_id + 1),
-                      EPILOGUE, HAS_RW, SUB, 4, AUX_TMA)
+                      drw_ptr, s_cm, s_auxm, s_hm, s_drw, EPILOGUE, HAS_RW, SUB, 4)
             gl.thread_barrier()
-            if AUX_TMA:
-                mbarrier.arrive(x_empty.index(c_id))
         if TIMING:
             # Program 0's first 64 tiles: [tile, (before the turn, turn, MMAs done, epilogue done)] in ns.
             t3 = _now(j)
@@ -422,7 +393,7 @@ def _consumer(c_id, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_sm
             j += 2
     if INTERLEAVE:  # the last tile's epilogue
         _epilogue(epi_smem, up_smem, prow0, prow_end, ptn * BN, ptn, N, HALF, c_ptr, aux_ptr, h_ptr, rw_ptr,
-                  drw_ptr, s_cm, s_auxm, s_hm, s_drw, epi_smem, up_smem, EPILOGUE, HAS_RW, SUB, 4, False)
+                  drw_ptr, s_cm, s_auxm, s_hm, s_drw, EPILOGUE, HAS_RW, SUB, 4)
     if TIMING:
         # Every program, consumer c_id: [256 + 4 * pid + 2 * c_id + (start, end)] in ns.
         t_end = _now(j)
@@ -432,11 +403,11 @@ def _consumer(c_id, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_sm
 
 @gluon.jit
 def _ws_rows_kernel(
-    a_desc, b_desc, x_desc, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, table_ptr, dbg_ptr,
+    a_desc, b_desc, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, table_ptr, dbg_ptr,
     MAX_T, N, K, NB_N, HALF, N_ROWS, s_cm, s_auxm, s_hm, s_drw,
     STAGES: gl.constexpr, EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, HAS_RW: gl.constexpr,
     SUB: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, TIMING: gl.constexpr,
-    COOP: gl.constexpr, AUX_TMA: gl.constexpr, INTERLEAVE: gl.constexpr,
+    COOP: gl.constexpr, INTERLEAVE: gl.constexpr,
 ):
     BM: gl.constexpr = a_desc.block_type.shape[0]
     BN: gl.constexpr = b_desc.block_type.shape[0] if B_KMAJOR else b_desc.block_type.shape[1]
@@ -467,16 +438,6 @@ def _ws_rows_kernel(
     else:
         up0 = epi0
         up1 = epi1
-    # AUX_TMA: gate and up values of the tile for each consumer ([2 * consumer + (0 gate, 1 up)]).
-    x_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    x_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    if AUX_TMA:
-        x_bufs = gl.allocate_shared_memory(dtype, [4] + x_desc.block_type.shape, x_desc.layout)
-        for i in gl.static_range(2):
-            mbarrier.init(x_ready.index(i), count=1)
-            mbarrier.init(x_empty.index(i), count=1)
-    else:
-        x_bufs = a_bufs
     fence_async_shared()
 
     # Partition arguments are written out, not built by adding tuples: constexprs inside a concatenated tuple reach
@@ -484,14 +445,12 @@ def _ws_rows_kernel(
     gl.warp_specialize([
         (_consumer, (0, a_bufs, b_bufs, u_bufs, ready, empty, order, epi0, up0, table_ptr, MAX_T, NB_N, K, N, HALF,
                      c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
-                     x_bufs, x_ready, x_empty, EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING, COOP, AUX_TMA,
-                     INTERLEAVE)),
+                     EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING, COOP, INTERLEAVE)),
         (_consumer, (1, a_bufs, b_bufs, u_bufs, ready, empty, order, epi1, up1, table_ptr, MAX_T, NB_N, K, N, HALF,
                      c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
-                     x_bufs, x_ready, x_empty, EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING, COOP, AUX_TMA,
-                     INTERLEAVE)),
+                     EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING, COOP, INTERLEAVE)),
         (_producer, (a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_ptr, MAX_T, NB_N, K, HALF, N_ROWS,
-                     x_desc, x_bufs, x_ready, x_empty, EPILOGUE, B_KMAJOR, AUX_TMA)),
+                     EPILOGUE, B_KMAJOR)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -499,7 +458,7 @@ def _ws_rows_kernel(
 def compile_only(arch: int = 90, *, epilogue: int = _PLAIN, b_kmajor: bool = False, has_rw: bool = False,
                  bm: int = 128, bn: int = 128, bk: int = 64, stages: int = 4, sub: int = 32,
                  consumer_regs: int = 232, producer_regs: int = 40, maxnreg: int = 168, timing: bool = False,
-                 coop: bool = False, aux_tma: bool = True, interleave: bool = False):
+                 coop: bool = False, interleave: bool = False):
     """Compile the kernel for ``sm_<arch>`` without a GPU (CPU is fine) and return Triton's compiled kernel, whose
     ``asm`` holds the TTGIR, PTX and cubin: tests check on the CPU that it is warp-specialised."""
     from triton.backends.compiler import GPUTarget  # noqa: PLC0415
@@ -508,21 +467,18 @@ def compile_only(arch: int = 90, *, epilogue: int = _PLAIN, b_kmajor: bool = Fal
 
     probe = torch.empty(2 * max(bm, bn, bk), 2 * max(bm, bn, bk), dtype=torch.bfloat16)
     b_block = [bn, bk] if b_kmajor else [bk, bn]
-    interleave = bool(interleave and coop)
-    aux_tma = bool(aux_tma and coop and epilogue == _SWIGLU_BWD and not interleave)
-    x_block = [bm // 2, bn] if aux_tma else [bm, bk]
     descs = [TensorDescriptor.from_tensor(probe, block, gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16))
-             for block in ([bm, bk], b_block, x_block)]
-    names = ["a_desc", "b_desc", "x_desc", "c_ptr", "aux_ptr", "h_ptr", "rw_ptr", "drw_ptr", "table_ptr", "dbg_ptr",
+             for block in ([bm, bk], b_block)]
+    names = ["a_desc", "b_desc", "c_ptr", "aux_ptr", "h_ptr", "rw_ptr", "drw_ptr", "table_ptr", "dbg_ptr",
              "MAX_T", "N", "K", "NB_N", "HALF", "N_ROWS", "s_cm", "s_auxm", "s_hm", "s_drw"]
     types = [mangle_type(d) for d in descs] + ["*bf16", "*bf16", "*bf16", "*fp32", "*fp32", "*i32", "*i64"]
     signature = dict(zip(names, types + ["i32"] * 10, strict=True))
     constexprs = {"STAGES": stages, "EPILOGUE": epilogue, "B_KMAJOR": b_kmajor, "HAS_RW": has_rw, "SUB": sub,
                   "CONSUMER_REGS": consumer_regs, "PRODUCER_REGS": producer_regs, "TIMING": timing,
-                  "COOP": bool(coop), "AUX_TMA": aux_tma, "INTERLEAVE": interleave}
+                  "COOP": bool(coop), "INTERLEAVE": bool(interleave and coop)}
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     # As the launcher specialises them on a GPU: pointers and the sizes of the benchmark shapes are 16-divisible.
-    divisible = names[3:10] + ["N", "K", "HALF", "N_ROWS", "s_cm", "s_auxm", "s_hm"]
+    divisible = names[2:9] + ["N", "K", "HALF", "N_ROWS", "s_cm", "s_auxm", "s_hm"]
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in divisible}
     src = GluonASTSource(_ws_rows_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "maxnreg": maxnreg})
@@ -538,14 +494,12 @@ def ws_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, bm: int 
                row_weights: torch.Tensor | None = None, sub: int = 32, consumer_regs: int = 232,
                producer_regs: int = 40, maxnreg: int | None = 168, table: tuple[torch.Tensor, int] | None = None,
                num_programs: int | None = None, timing: torch.Tensor | None = None, coop: bool = False,
-               aux_tma: bool = True, interleave: bool = False):
+               interleave: bool = False):
     """``triton_grouped.grouped_rows_mm`` on the warp-specialised kernel (same arguments and results); ``bn`` is
     per SwiGLU half for the SwiGLU epilogue. ``coop``: both consumers work on each ``bm`` x ``bn`` tile, ``bm / 2``
-    rows each (CUTLASS's "cooperative" schedule), instead of taking alternate tiles ("ping-pong"). ``aux_tma``
-    (cooperative SwiGLU backward only): the producer loads each tile's saved gate and up values into shared memory
-    while the tile's MMAs run, instead of the epilogue loading them. ``interleave`` (cooperative only): each tile's
-    epilogue runs in row slices of ``sub`` between the next tile's k-steps, so that it overlaps MMAs (``aux_tma``
-    is then off). ``timing``: an int64 tensor of at least 256 + 4 x programs zeros, which receives %globaltimer
+    rows each (CUTLASS's "cooperative" schedule), instead of taking alternate tiles ("ping-pong"). ``interleave``
+    (cooperative only): each tile's epilogue runs in row slices of ``sub`` between the next tile's k-steps, so that
+    it overlaps MMAs. ``timing``: an int64 tensor of at least 256 + 4 x programs zeros, which receives %globaltimer
     readings: program 0's first 64 tiles (4 each), then every program's start and end (2 per consumer)."""
     if row_weights is not None and epilogue == _PLAIN:
         raise ValueError("row_weights apply to the SwiGLU epilogues only")
@@ -574,21 +528,18 @@ def ws_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, bm: int 
         a_desc = TensorDescriptor.from_tensor(a, [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk], gdt))
         b_block = [bn, bk] if b_kmajor else [bk, bn]
         b_desc = TensorDescriptor.from_tensor(storage, b_block, gl.NVMMASharedLayout.get_default_for(b_block, gdt))
-        interleave = bool(interleave and coop)
-        aux_tma = bool(aux_tma and coop and epilogue == _SWIGLU_BWD and not interleave)
-        x_desc = a_desc
-        if aux_tma:
-            x_desc = TensorDescriptor.from_tensor(aux, [bm // 2, bn],
-                                                  gl.NVMMASharedLayout.get_default_for([bm // 2, bn], gdt))
         tab, max_t = table if table is not None else tile_table(offs, m, bm)
         grid = num_programs or _num_sms(a.device)
+        if timing is not None and (timing.dtype != torch.int64 or timing.numel() < 256 + 4 * grid):
+            raise ValueError(f"timing must be an int64 tensor of at least 256 + 4 x {grid} programs elements, "
+                             f"got {timing.dtype} with {timing.numel()}")
         kwargs = {"maxnreg": maxnreg} if maxnreg else {}
         _ws_rows_kernel[(grid,)](
-            a_desc, b_desc, x_desc, c, aux, h, rw, drw, tab, c if timing is None else timing,
+            a_desc, b_desc, c, aux, h, rw, drw, tab, c if timing is None else timing,
             max_t, n, k, nb_n, half, n_out, c.stride(0), aux.stride(0), h.stride(0), drw.stride(0),
             STAGES=stages, EPILOGUE=epilogue, B_KMAJOR=b_kmajor, HAS_RW=has_rw, SUB=sub,
             CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, TIMING=timing is not None, COOP=bool(coop),
-            AUX_TMA=aux_tma, INTERLEAVE=interleave,
+            INTERLEAVE=bool(interleave and coop),
             num_warps=4,
             **kwargs,
         )

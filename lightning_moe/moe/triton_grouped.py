@@ -447,21 +447,24 @@ def _gluon_shapes_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.data_ptr() % 16 == 0 and all((n * size) % 16 == 0 for n in (a.shape[1], b.shape[1], b.shape[2]))
 
 
-def _rows_backend(a: torch.Tensor, *bs: torch.Tensor) -> str:
+def _hopper(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+
+
+def _rows_backend(a: torch.Tensor, b: torch.Tensor) -> str:
     if ROWS not in ("auto", "triton", "gluon"):
         raise ValueError(f"triton_grouped.ROWS={ROWS!r}: must be 'auto', 'triton' or 'gluon'")
     if ROWS != "auto":
         return ROWS
-    hopper = a.device.type == "cuda" and torch.cuda.get_device_capability(a.device) == (9, 0)
-    sixteen_bit = a.dtype in (torch.bfloat16, torch.float16) and all(b.dtype == a.dtype for b in bs)
-    shapes_ok = all(_gluon_shapes_ok(a, b) for b in bs)
-    return "gluon" if hopper and sixteen_bit and a.shape[0] > 0 and shapes_ok and _gluon_importable() else "triton"
+    sixteen_bit = a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype
+    usable = sixteen_bit and a.shape[0] > 0 and _gluon_shapes_ok(a, b)
+    return "gluon" if usable and _hopper(a.device) and _gluon_importable() else "triton"
 
 
 def rows_mm(op: str, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, cfgs: dict[str, TileConfig], **kwargs):
     """Row GEMM ``op`` (a key of ``CONFIGS``) of ``grouped_rows_mm`` on the backend ``ROWS`` picks."""
     if _rows_backend(a, b) == "gluon":
-        if not (a.device.type == "cuda" and torch.cuda.get_device_capability(a.device) == (9, 0)):
+        if not _hopper(a.device):
             raise RuntimeError(f"triton_grouped.ROWS='gluon' needs a Hopper GPU (sm_90), not {a.device}; "
                                "'auto' falls back to the Triton row GEMMs")
         from lightning_moe.moe import gluon_grouped  # noqa: PLC0415
