@@ -34,9 +34,36 @@ class Permutation:
 
 
 def count_per_expert(flat_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """[E] int64 occurrences of each expert id. Unlike ``torch.bincount`` this never syncs with the GPU."""
+    """[E] int64 occurrences of each expert id. Unlike ``torch.bincount`` this never syncs with the GPU.
+
+    Under ``torch.compile`` the count is a comparison with every expert id summed over the slots, which Inductor
+    turns into one reduction: ``scatter_add_`` into E counters serialises on its atomic adds (22 us for 98k slots
+    over 64 experts on an H200). Eager mode keeps ``scatter_add_``, which does not materialise the [E, N]
+    comparison."""
+    if torch.compiler.is_compiling():
+        experts = torch.arange(num_experts, device=flat_indices.device)
+        return (flat_indices.unsqueeze(0) == experts.unsqueeze(1)).sum(1)
     counts = torch.zeros(num_experts, dtype=torch.int64, device=flat_indices.device)
     return counts.scatter_add_(0, flat_indices, torch.ones_like(flat_indices))
+
+
+def _sort_key_dtype(num_experts: int) -> torch.dtype:
+    """The narrowest integer type that holds every expert id: a radix sort makes one pass per 8 key bits (eight for
+    int64 ids, one for uint8)."""
+    if num_experts <= 256:
+        return torch.uint8
+    return torch.int16 if num_experts <= 2**15 else torch.int32
+
+
+def sort_by_expert(flat: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slot order, counts): the slots sorted by expert (stable) and [E] int64 slots per expert.
+
+    The counts come from the sorted ids (each expert's end is a binary search), so no separate counting pass runs.
+    """
+    keys, order = torch.sort(flat.to(_sort_key_dtype(num_experts)), stable=True)
+    experts = torch.arange(num_experts, device=flat.device, dtype=keys.dtype)
+    ends = torch.searchsorted(keys, experts, right=True)
+    return order, torch.diff(ends, prepend=ends.new_zeros(1))
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
@@ -48,8 +75,7 @@ def permute(expert_indices: torch.Tensor, num_experts: int, capacity: int | None
     """Sort the T*K slots by expert. With ``capacity``, each expert keeps its first ``capacity`` slots."""
     t, k = expert_indices.shape
     flat = expert_indices.reshape(-1)
-    slot_order = torch.argsort(flat, stable=True)
-    counts = count_per_expert(flat, num_experts)
+    slot_order, counts = sort_by_expert(flat, num_experts)
     dropped: int | torch.Tensor = 0
     if capacity is not None:
         starts = torch.cumsum(counts, 0) - counts

@@ -461,15 +461,25 @@ def _rows_backend(a: torch.Tensor, b: torch.Tensor) -> str:
     return "gluon" if usable and _hopper(a.device) and _gluon_importable() else "triton"
 
 
-def rows_mm(op: str, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, cfgs: dict[str, TileConfig], **kwargs):
-    """Row GEMM ``op`` (a key of ``CONFIGS``) of ``grouped_rows_mm`` on the backend ``ROWS`` picks."""
+def rows_mm(op: str, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, cfgs: dict[str, TileConfig],
+            tables: dict | None = None, **kwargs):
+    """Row GEMM ``op`` (a key of ``CONFIGS``) of ``grouped_rows_mm`` on the backend ``ROWS`` picks.
+
+    ``tables``: a dict that keeps the Gluon kernels' tile tables of ``offs`` (one per row-tile height), so that the
+    row GEMMs of one forward or backward over the same rows build theirs once."""
     if _rows_backend(a, b) == "gluon":
         if not _hopper(a.device):
             raise RuntimeError(f"triton_grouped.ROWS='gluon' needs a Hopper GPU (sm_90), not {a.device}; "
                                "'auto' falls back to the Triton row GEMMs")
         from lightning_moe.moe import gluon_grouped  # noqa: PLC0415
 
-        return gluon_grouped.ws_rows_mm(a, b, offs, **gluon_grouped.CONFIGS[op], **kwargs)
+        cfg = gluon_grouped.CONFIGS[op]
+        if tables is not None:
+            bm = cfg.get("bm", 128)
+            if bm not in tables:
+                tables[bm] = gluon_grouped.tile_table(offs, a.shape[0], bm)
+            kwargs["table"] = tables[bm]
+        return gluon_grouped.ws_rows_mm(a, b, offs, **cfg, **kwargs)
     return grouped_rows_mm(a, b, offs, cfgs[op], **kwargs)
 
 
@@ -478,9 +488,9 @@ def experts_forward(x: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: 
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x: [N, D], offs: [E] int32, w13: [E, D, 2H], w2: [E, H, D], row_weights: [N] float32 or None
     -> (y [N, D], h13 [N, 2H], h [N, H]); h is the (weighted) input of the down projection."""
-    cfgs = configs or CONFIGS
-    h13, h = rows_mm("fwd1", x, w13, offs, cfgs, epilogue=_SWIGLU, row_weights=row_weights)
-    y = rows_mm("fwd2", h, w2, offs, cfgs)
+    cfgs, tables = configs or CONFIGS, {}
+    h13, h = rows_mm("fwd1", x, w13, offs, cfgs, tables, epilogue=_SWIGLU, row_weights=row_weights)
+    y = rows_mm("fwd2", h, w2, offs, cfgs, tables)
     return y, h13, h
 
 
@@ -490,14 +500,14 @@ def experts_backward(dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor, w13:
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients (dx [N, D], dw13 [E, D, 2H], dw2 [E, H, D], d row_weights [N] or None) from dy [N, D] and the
     forward's saved tensors."""
-    cfgs = configs or CONFIGS
+    cfgs, tables = configs or CONFIGS, {}
     drw = None
-    dh13 = rows_mm("dgrad2", dy, w2.transpose(1, 2), offs, cfgs, epilogue=_SWIGLU_BWD, aux=h13,
+    dh13 = rows_mm("dgrad2", dy, w2.transpose(1, 2), offs, cfgs, tables, epilogue=_SWIGLU_BWD, aux=h13,
                    row_weights=row_weights)
     if row_weights is not None:
         dh13, drw = dh13
     dw2 = weight_grad(h, dy, offs, cfgs["wgrad2"], w2.dtype)
-    dx = rows_mm("dgrad1", dh13, w13.transpose(1, 2), offs, cfgs)
+    dx = rows_mm("dgrad1", dh13, w13.transpose(1, 2), offs, cfgs, tables)
     dw13 = weight_grad(x, dh13, offs, cfgs["wgrad1"], w13.dtype)
     return dx, dw13, dw2, drw
 

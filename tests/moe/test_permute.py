@@ -141,3 +141,29 @@ def test_compiled_rows_from_tokens_is_the_gather(seed):
     x = torch.randn(t, d)
     compiled = torch.compile(_rows_from_tokens, fullgraph=True)(x, inverse_order(perm), perm.token_index)
     assert torch.equal(compiled, x.index_select(0, perm.token_index))
+
+
+@pytest.mark.parametrize("experts", [5, 256, 300, 40000], ids=["uint8", "uint8_full", "int16", "int32"])
+def test_sort_by_expert_is_the_stable_argsort_and_the_counts(seed, experts):
+    """The narrow-key sort gives torch's stable argsort of the ids, and the binary-searched counts are bincount's."""
+    from lightning_moe.moe.permute import sort_by_expert
+
+    n = 3000
+    flat = torch.randint(0, experts, (n,))
+    flat[: n // 3] = torch.randint(0, min(experts, 4), (n // 3,))  # many equal ids: the order among them matters
+    flat[-1] = experts - 1  # the largest id survives the narrowing
+    order, counts = sort_by_expert(flat, experts)
+    assert torch.equal(order, torch.argsort(flat, stable=True))
+    assert counts.dtype == torch.int64 and torch.equal(counts, torch.bincount(flat, minlength=experts))
+
+
+def test_compiled_count_per_expert_matches_eager(seed):
+    """Under torch.compile the counts are a summed comparison; eager mode adds with scatter_add_: the same counts."""
+    from lightning_moe.moe.permute import count_per_expert
+
+    e = 7
+    flat = torch.randint(0, e - 1, (500,))  # the last expert gets nothing
+    compiled = torch.compile(count_per_expert, fullgraph=True)(flat, e)
+    assert compiled.dtype == torch.int64
+    assert torch.equal(compiled, count_per_expert(flat, e))
+    assert torch.equal(compiled, torch.bincount(flat, minlength=e))

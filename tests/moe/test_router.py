@@ -166,3 +166,46 @@ def test_fp32_router_logits_are_plain_linear(seed):
     torch.testing.assert_close(router_logits(x, w), x @ w.T)
     # mixed dtypes fall back to upcasting both
     assert router_logits(x.bfloat16(), w).dtype == torch.float32
+
+
+@pytest.mark.parametrize("k", [1, 6, 16])
+def test_compiled_top_k_is_torch_topk(seed, k):
+    """Under torch.compile the selection is K rounds of argmax: the same experts in the same order as torch.topk,
+    also where masked experts (group-limited routing) hold -inf."""
+    from lightning_moe.moe.router import top_k_indices
+
+    choice = torch.randn(65, 32)
+    choice[::3, 8:24] = float("-inf")  # 16 experts left on every third row: enough for k <= 16
+    compiled = torch.compile(top_k_indices, fullgraph=True)(choice, k)
+    assert torch.equal(compiled, torch.topk(choice, k, dim=-1).indices)
+    assert torch.equal(top_k_indices(choice, k), compiled)
+
+
+def test_compiled_16bit_router_matches_eager(seed):
+    """The compiled router (argmax top-k, summed-comparison counts, the unfused gradient GEMM of the tokens) gives
+    eager mode's choices, weights, load counts and gradients; the tokens' gradient also takes a second term, as in
+    the MoE layer, where Inductor would otherwise fuse it into the GEMM."""
+    t, d, e, k = 96, 32, 16, 4
+    x = torch.randn(t, d).to(torch.bfloat16)
+    other = torch.randn(t, d).to(torch.bfloat16)
+    g = torch.randn(t, k)
+    results = []
+    for compile_it in (False, True):
+        torch.manual_seed(0)
+        r = TopKRouter(d, e, k, aux_loss_coef=0.01).to(torch.bfloat16)
+        xi = x.clone().requires_grad_()
+
+        def step(xi, r=r):
+            out = r(xi, seq_len=t)
+            loss = (out.weights * g).sum() + out.aux_loss + (xi.float() * other.float()).sum()
+            return out.expert_indices, out.weights, loss
+
+        fn = torch.compile(step) if compile_it else step
+        idx, w, loss = fn(xi)
+        loss.backward()
+        results.append((idx, w.detach(), xi.grad, r.gate.weight.grad, r.tokens_per_expert.clone()))
+    (idx0, w0, gx0, gw0, load0), (idx1, w1, gx1, gw1, load1) = results
+    assert torch.equal(idx0, idx1) and torch.equal(load0, load1)
+    torch.testing.assert_close(w1, w0)
+    torch.testing.assert_close(gx1, gx0, atol=1e-2, rtol=1.6e-2)
+    torch.testing.assert_close(gw1, gw0, atol=1e-2, rtol=1.6e-2)
