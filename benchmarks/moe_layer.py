@@ -206,6 +206,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--kernels", default="grouped_mm,triton,loop,megablocks")
     p.add_argument("--triton-configs", default=None,
                    help="JSON {gemm: [bm, bn, bk, warps, stages]} from benchmarks/triton_grouped_tune.py")
+    p.add_argument("--gluon-configs", default=None,
+                   help='JSON {gemm: {ws_rows_mm keyword: value}} merged into gluon_grouped.CONFIGS, e.g. '
+                        '\'{"dgrad2": {"depth": 2}}\'')
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20, help="back-to-back calls per timed repeat (5 repeats)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd layers")
@@ -226,6 +229,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
         tuned = json.loads(Path(args.triton_configs).read_text())
         triton_grouped.CONFIGS.update({k: triton_grouped.TileConfig(*v) for k, v in tuned.items()})
+    if args.gluon_configs:
+        from lightning_moe.moe import gluon_grouped
+
+        for op, overrides in json.loads(args.gluon_configs).items():
+            gluon_grouped.CONFIGS[op] = {**gluon_grouped.CONFIGS[op], **overrides}
     t, d, h, e, k = args.tokens, args.dim, args.ffn, args.experts, args.topk
     torch.manual_seed(0)
     flops = 3 * 2 * t * k * 3 * d * h  # forward + backward of the expert matmuls
