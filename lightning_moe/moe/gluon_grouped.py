@@ -134,11 +134,9 @@ def _producer(a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_ptr, M
 
 @gluon.jit
 def _mma_step(a_bufs, b_bufs, u_bufs, ready, empty, g0, kk, acc, acc_up,
-              EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, A_ROW: gl.constexpr, A_ROWS: gl.constexpr,
-              DEPTH: gl.constexpr):
+              EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, A_ROW: gl.constexpr, A_ROWS: gl.constexpr):
     """k-step kk of a tile whose first ring step is g0: wait for its stage, issue its MMAs (rows A_ROW ..
-    A_ROW + A_ROWS of the A tile), wait until at most DEPTH k-steps' MMAs are in flight, and release the stage
-    of the step DEPTH back, whose MMAs have then completed."""
+    A_ROW + A_ROWS of the A tile), and release the previous step's stage once the MMAs reading it have completed."""
     S: gl.constexpr = a_bufs.type.shape[0]
     g = g0 + kk
     s = g % S
@@ -152,37 +150,34 @@ def _mma_step(a_bufs, b_bufs, u_bufs, ready, empty, g0, kk, acc, acc_up,
         acc = warpgroup_mma(a, b_bufs.index(s), acc, use_acc=kk > 0, is_async=True)
     if EPILOGUE == 1:
         acc_up = warpgroup_mma(a, u_bufs.index(s), acc_up, use_acc=kk > 0, is_async=True)
-        acc, acc_up = warpgroup_mma_wait(num_outstanding=2 * DEPTH, deps=(acc, acc_up))
+        acc, acc_up = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc_up))
     else:
-        acc = warpgroup_mma_wait(num_outstanding=DEPTH, deps=(acc,))
-    mbarrier.arrive(empty.index((g + S - DEPTH) % S), pred=kk >= DEPTH)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+    mbarrier.arrive(empty.index((g + S - 1) % S), pred=kk > 0)
     return acc, acc_up
 
 
 @gluon.jit
-def _mma_drain(empty, g0, ksteps, acc, acc_up, EPILOGUE: gl.constexpr, DEPTH: gl.constexpr):
-    """Wait for a tile's last MMAs and release the stages of its last DEPTH steps."""
+def _mma_drain(empty, g0, ksteps, acc, acc_up, EPILOGUE: gl.constexpr):
+    """Wait for a tile's last MMAs and release its last stage."""
     S: gl.constexpr = empty.type.shape[0]
     if EPILOGUE == 1:
         acc, acc_up = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc_up))
     else:
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-    for i in gl.static_range(DEPTH):
-        step = ksteps - DEPTH + i
-        mbarrier.arrive(empty.index((g0 + step + S) % S), pred=step >= 0)
+    mbarrier.arrive(empty.index((g0 + ksteps - 1) % S))
     return acc, acc_up
 
 
 @gluon.jit
 def _mainloop(a_bufs, b_bufs, u_bufs, ready, empty, g0, ksteps, acc, acc_up,
-              EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, A_ROW: gl.constexpr, A_ROWS: gl.constexpr,
-              DEPTH: gl.constexpr):
+              EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, A_ROW: gl.constexpr, A_ROWS: gl.constexpr):
     """acc (and acc_up for SwiGLU) = rows A_ROW .. A_ROW + A_ROWS of the tile's product over the stages of ring steps
     g0 .. g0 + ksteps - 1; each stage is released as soon as the MMAs reading it have completed."""
     for kk in range(ksteps):
         acc, acc_up = _mma_step(a_bufs, b_bufs, u_bufs, ready, empty, g0, kk, acc, acc_up, EPILOGUE, B_KMAJOR,
-                                A_ROW, A_ROWS, DEPTH)
-    return _mma_drain(empty, g0, ksteps, acc, acc_up, EPILOGUE, DEPTH)
+                                A_ROW, A_ROWS)
+    return _mma_drain(empty, g0, ksteps, acc, acc_up, EPILOGUE)
 
 
 @gluon.jit
@@ -190,7 +185,7 @@ def _mainloop_interleaved(a_bufs, b_bufs, u_bufs, ready, empty, g0, ksteps, acc,
                           epi_smem, up_smem, prow0, prow_end, ptn, N, HALF,
                           c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw,
                           EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, A_ROW: gl.constexpr,
-                          A_ROWS: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr, DEPTH: gl.constexpr):
+                          A_ROWS: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr):
     """``_mainloop``, with the previous tile's epilogue (rows prow0 .. prow_end, column tile ptn, waiting in
     ``epi_smem``) run one row slice after every ksteps / slices k-steps, while the tensor cores work through the
     MMAs issued before it. A first tile passes prow_end = prow0: every store of its epilogue is masked off."""
@@ -205,7 +200,7 @@ def _mainloop_interleaved(a_bufs, b_bufs, u_bufs, ready, empty, g0, ksteps, acc,
     for r in gl.static_range(NSL):
         for kk in range(r * kps, (r + 1) * kps):
             acc, acc_up = _mma_step(a_bufs, b_bufs, u_bufs, ready, empty, g0, kk, acc, acc_up, EPILOGUE, B_KMAJOR,
-                                    A_ROW, A_ROWS, DEPTH)
+                                    A_ROW, A_ROWS)
         cur = nxt
         if r + 1 < NSL:
             nxt = _epilogue_loads(prow0, r + 1, prow_end, cols, col_ok, aux_ptr, rw_ptr, s_auxm, HALF, EPILOGUE,
@@ -214,8 +209,8 @@ def _mainloop_interleaved(a_bufs, b_bufs, u_bufs, ready, empty, g0, ksteps, acc,
                         s_cm, s_hm, s_drw, EPILOGUE, HAS_RW, SUB, layout)
     for kk in range(NSL * kps, ksteps):
         acc, acc_up = _mma_step(a_bufs, b_bufs, u_bufs, ready, empty, g0, kk, acc, acc_up, EPILOGUE, B_KMAJOR,
-                                A_ROW, A_ROWS, DEPTH)
-    return _mma_drain(empty, g0, ksteps, acc, acc_up, EPILOGUE, DEPTH)
+                                A_ROW, A_ROWS)
+    return _mma_drain(empty, g0, ksteps, acc, acc_up, EPILOGUE)
 
 
 @gluon.jit
@@ -314,7 +309,7 @@ def _epilogue(epi_smem, up_smem, row0, row_end, n0, tn, N, HALF,
 def _consumer(c_id, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_smem, table_ptr, MAX_T, NB_N, K, N,
               HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
               EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr,
-              TIMING: gl.constexpr, COOP: gl.constexpr, INTERLEAVE: gl.constexpr, DEPTH: gl.constexpr):
+              TIMING: gl.constexpr, COOP: gl.constexpr, INTERLEAVE: gl.constexpr):
     """Ping-pong: tiles c_id, c_id + 2, ... of this program (four warps), MMAs in turn with the other consumer,
     then the epilogue while the other one multiplies. Cooperative (``COOP``): every tile of this program, rows
     c_id * BM .. (c_id + 1) * BM of it, both consumers at once; with ``INTERLEAVE`` each tile's epilogue runs in
@@ -363,11 +358,11 @@ def _consumer(c_id, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_sm
             acc, acc_up = _mainloop_interleaved(a_bufs, b_bufs, u_bufs, ready, empty, j * ksteps, ksteps, acc, acc_up,
                                                 epi_smem, up_smem, prow0, prow_end, ptn, N, HALF, c_ptr, aux_ptr,
                                                 h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw,
-                                                EPILOGUE, B_KMAJOR, A_ROW, BM, HAS_RW, SUB, DEPTH)
+                                                EPILOGUE, B_KMAJOR, A_ROW, BM, HAS_RW, SUB)
             gl.thread_barrier()  # every warp is done with the previous tile's values in epi_smem
         else:
             acc, acc_up = _mainloop(a_bufs, b_bufs, u_bufs, ready, empty, j * ksteps, ksteps, acc, acc_up,
-                                    EPILOGUE, B_KMAJOR, A_ROW, BM, DEPTH)
+                                    EPILOGUE, B_KMAJOR, A_ROW, BM)
         if not COOP:
             mbarrier.arrive(order.index(1 - c_id))
         if TIMING:
@@ -412,7 +407,7 @@ def _ws_rows_kernel(
     MAX_T, N, K, NB_N, HALF, N_ROWS, s_cm, s_auxm, s_hm, s_drw,
     STAGES: gl.constexpr, EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, HAS_RW: gl.constexpr,
     SUB: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, TIMING: gl.constexpr,
-    COOP: gl.constexpr, INTERLEAVE: gl.constexpr, DEPTH: gl.constexpr,
+    COOP: gl.constexpr, INTERLEAVE: gl.constexpr,
 ):
     BM: gl.constexpr = a_desc.block_type.shape[0]
     BN: gl.constexpr = b_desc.block_type.shape[0] if B_KMAJOR else b_desc.block_type.shape[1]
@@ -450,10 +445,10 @@ def _ws_rows_kernel(
     gl.warp_specialize([
         (_consumer, (0, a_bufs, b_bufs, u_bufs, ready, empty, order, epi0, up0, table_ptr, MAX_T, NB_N, K, N, HALF,
                      c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
-                     EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING, COOP, INTERLEAVE, DEPTH)),
+                     EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING, COOP, INTERLEAVE)),
         (_consumer, (1, a_bufs, b_bufs, u_bufs, ready, empty, order, epi1, up1, table_ptr, MAX_T, NB_N, K, N, HALF,
                      c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
-                     EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING, COOP, INTERLEAVE, DEPTH)),
+                     EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING, COOP, INTERLEAVE)),
         (_producer, (a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_ptr, MAX_T, NB_N, K, HALF, N_ROWS,
                      EPILOGUE, B_KMAJOR)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -463,7 +458,7 @@ def _ws_rows_kernel(
 def compile_only(arch: int = 90, *, epilogue: int = _PLAIN, b_kmajor: bool = False, has_rw: bool = False,
                  bm: int = 128, bn: int = 128, bk: int = 64, stages: int = 4, sub: int = 32,
                  consumer_regs: int = 232, producer_regs: int = 40, maxnreg: int = 168, timing: bool = False,
-                 coop: bool = False, interleave: bool = False, depth: int = 1):
+                 coop: bool = False, interleave: bool = False):
     """Compile the kernel for ``sm_<arch>`` without a GPU (CPU is fine) and return Triton's compiled kernel, whose
     ``asm`` holds the TTGIR, PTX and cubin: tests check on the CPU that it is warp-specialised."""
     from triton.backends.compiler import GPUTarget  # noqa: PLC0415
@@ -480,7 +475,7 @@ def compile_only(arch: int = 90, *, epilogue: int = _PLAIN, b_kmajor: bool = Fal
     signature = dict(zip(names, types + ["i32"] * 10, strict=True))
     constexprs = {"STAGES": stages, "EPILOGUE": epilogue, "B_KMAJOR": b_kmajor, "HAS_RW": has_rw, "SUB": sub,
                   "CONSUMER_REGS": consumer_regs, "PRODUCER_REGS": producer_regs, "TIMING": timing,
-                  "COOP": bool(coop), "INTERLEAVE": bool(interleave and coop), "DEPTH": depth}
+                  "COOP": bool(coop), "INTERLEAVE": bool(interleave and coop)}
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     # As the launcher specialises them on a GPU: pointers and the sizes of the benchmark shapes are 16-divisible.
     divisible = names[2:9] + ["N", "K", "HALF", "N_ROWS", "s_cm", "s_auxm", "s_hm"]
@@ -499,20 +494,15 @@ def ws_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, bm: int 
                row_weights: torch.Tensor | None = None, sub: int = 32, consumer_regs: int = 232,
                producer_regs: int = 40, maxnreg: int | None = 168, table: tuple[torch.Tensor, int] | None = None,
                num_programs: int | None = None, timing: torch.Tensor | None = None, coop: bool = False,
-               interleave: bool = False, depth: int = 1):
+               interleave: bool = False):
     """``triton_grouped.grouped_rows_mm`` on the warp-specialised kernel (same arguments and results); ``bn`` is
     per SwiGLU half for the SwiGLU epilogue. ``coop``: both consumers work on each ``bm`` x ``bn`` tile, ``bm / 2``
     rows each (CUTLASS's "cooperative" schedule), instead of taking alternate tiles ("ping-pong"). ``interleave``
     (cooperative only): each tile's epilogue runs in row slices of ``sub`` between the next tile's k-steps, so that
-    it overlaps MMAs. ``depth``: k-steps whose MMAs a consumer keeps in flight (each holds its ring stage until its
-    MMAs complete, so at most ``stages - 1``); with 2 the tensor cores have two k-steps of work queued while an
-    epilogue slice runs. ``timing``: an int64 tensor of at least 256 + 4 x programs zeros, which receives
-    %globaltimer readings: program 0's first 64 tiles (4 each), then every program's start and end (2 per
-    consumer)."""
+    it overlaps MMAs. ``timing``: an int64 tensor of at least 256 + 4 x programs zeros, which receives %globaltimer
+    readings: program 0's first 64 tiles (4 each), then every program's start and end (2 per consumer)."""
     if row_weights is not None and epilogue == _PLAIN:
         raise ValueError("row_weights apply to the SwiGLU epilogues only")
-    if not 1 <= depth < stages:
-        raise ValueError(f"depth={depth}: between 1 and stages - 1 = {stages - 1} k-steps of MMAs can be in flight")
     a = a.contiguous()
     if b.stride(1) != 1 and b.stride(2) != 1:
         b = b.contiguous()
@@ -549,7 +539,7 @@ def ws_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, bm: int 
             max_t, n, k, nb_n, half, n_out, c.stride(0), aux.stride(0), h.stride(0), drw.stride(0),
             STAGES=stages, EPILOGUE=epilogue, B_KMAJOR=b_kmajor, HAS_RW=has_rw, SUB=sub,
             CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, TIMING=timing is not None, COOP=bool(coop),
-            INTERLEAVE=bool(interleave and coop), DEPTH=depth,
+            INTERLEAVE=bool(interleave and coop),
             num_warps=4,
             **kwargs,
         )

@@ -73,7 +73,7 @@ def test_kernel_compiles_warp_specialised_for_sm90(epilogue, b_kmajor, has_rw, b
 @needs_gluon
 @pytest.mark.parametrize("op", ["fwd1", "fwd2", "dgrad2", "dgrad1"])
 @pytest.mark.parametrize("row_weights", [False, True])
-@pytest.mark.parametrize("schedule", ["pingpong", "coop", "coop_interleaved", "coop_interleaved_depth2"])
+@pytest.mark.parametrize("schedule", ["pingpong", "coop", "coop_interleaved"])
 def test_gpu_matches_triton_rows(seed, op, row_weights, schedule):
     from lightning_moe.moe import gluon_grouped as gg
     from lightning_moe.moe import triton_grouped as tg
@@ -101,8 +101,8 @@ def test_gpu_matches_triton_rows(seed, op, row_weights, schedule):
     ref = tg.grouped_rows_mm(x, b, offs, cfg, **kw)
     if schedule != "pingpong":  # 128 x 256 tiles (fwd1: 128 gate + 128 up columns), 3 stages; dgrad2 128 x 128
         tile = {"bn": 128 if op in ("fwd1", "dgrad2") else 256, "stages": 4 if op == "dgrad2" else 3, "coop": True}
-        if schedule.startswith("coop_interleaved"):
-            tile.update(interleave=True, sub=8, depth=2 if schedule.endswith("depth2") else 1)
+        if schedule == "coop_interleaved":
+            tile.update(interleave=True, sub=8)
     else:
         tile = {"bn": 64 if op == "fwd1" else 128}
     out = gg.ws_rows_mm(x, b, offs, **tile, **kw)
@@ -121,31 +121,3 @@ def test_timing_build_reads_the_global_timer():
     timed = gg.compile_only(90, epilogue=2, b_kmajor=True, has_rw=True, coop=True, interleave=True, sub=8,
                             timing=True)
     assert "%globaltimer" in timed.asm["ptx"] and "%globaltimer" not in plain.asm["ptx"]
-
-
-@needs_gluon
-@pytest.mark.parametrize("coop", [False, True], ids=["pingpong", "coop_interleaved"])
-def test_depth_keeps_two_k_steps_of_mmas_in_flight(coop):
-    """depth=2: inside a tile every wait on the MMAs leaves two k-steps' MMAs running (one with depth=1); only the
-    waits that end a tile drain them."""
-    import re
-    from collections import Counter
-
-    from lightning_moe.moe import gluon_grouped as gg
-
-    kw = dict(epilogue=2, b_kmajor=True, has_rw=True, coop=coop, interleave=coop, sub=8 if coop else 32)
-    for depth in (1, 2):
-        ptx = gg.compile_only(90, depth=depth, **kw).asm["ptx"]
-        waits = Counter(re.findall(r"wgmma.wait_group.sync.aligned\s+(\d+)", ptx))
-        assert set(waits) == {"0", str(depth)}, waits
-
-
-@needs_gluon
-def test_depth_beyond_the_ring_is_refused():
-    from lightning_moe.moe import gluon_grouped as gg
-
-    a = torch.zeros(4, 64, dtype=torch.bfloat16)
-    b = torch.zeros(2, 64, 64, dtype=torch.bfloat16)
-    offs = torch.tensor([2, 4], dtype=torch.int32)
-    with pytest.raises(ValueError, match="stages - 1 = 3"):
-        gg.ws_rows_mm(a, b, offs, stages=4, depth=4)
