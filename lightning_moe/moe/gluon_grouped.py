@@ -94,8 +94,9 @@ def _now(dep):
 
 @gluon.jit
 def _producer(a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_ptr, MAX_T, NB_N, K, HALF, N_ROWS,
-              EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr):
-    """TMA loads of every k-step of every tile of this program into the stage ring (one warp)."""
+              EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, MERGE: gl.constexpr):
+    """TMA loads of every k-step of every tile of this program into the stage ring (one warp). ``MERGE`` (SwiGLU):
+    the gate and up columns of a k-step go side by side into one stage, [BK, 2 * BN]."""
     BK: gl.constexpr = a_desc.block_type.shape[1]
     BN: gl.constexpr = b_desc.block_type.shape[0] if B_KMAJOR else b_desc.block_type.shape[1]
     S: gl.constexpr = a_bufs.type.shape[0]
@@ -123,18 +124,23 @@ def _producer(a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_ptr, M
             mbarrier.expect(bar, nbytes)
             k0 = kk * BK
             tma.async_copy_global_to_shared(a_desc, [row0, k0], bar, a_bufs.index(s))
-            if B_KMAJOR:
+            if EPILOGUE == 1 and MERGE:
+                b_stage = b_bufs.index(s)
+                tma.async_copy_global_to_shared(b_desc, [e * K + k0, n0], bar, b_stage.slice(0, BN, dim=1))
+                tma.async_copy_global_to_shared(b_desc, [e * K + k0, HALF + n0], bar, b_stage.slice(BN, BN, dim=1))
+            elif B_KMAJOR:
                 tma.async_copy_global_to_shared(b_desc, [e * N_ROWS + n0, k0], bar, b_bufs.index(s))
             else:
                 tma.async_copy_global_to_shared(b_desc, [e * K + k0, n0], bar, b_bufs.index(s))
-            if EPILOGUE == 1:
+            if EPILOGUE == 1 and not MERGE:
                 tma.async_copy_global_to_shared(b_desc, [e * K + k0, HALF + n0], bar, u_bufs.index(s))
             g += 1
 
 
 @gluon.jit
 def _mma_step(a_bufs, b_bufs, u_bufs, ready, empty, g0, kk, acc, acc_up,
-              EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, A_ROW: gl.constexpr, A_ROWS: gl.constexpr):
+              EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, A_ROW: gl.constexpr, A_ROWS: gl.constexpr,
+              MERGE: gl.constexpr):
     """k-step kk of a tile whose first ring step is g0: wait for its stage, issue its MMAs (rows A_ROW ..
     A_ROW + A_ROWS of the A tile), and release the previous step's stage once the MMAs reading it have completed."""
     S: gl.constexpr = a_bufs.type.shape[0]
@@ -148,7 +154,7 @@ def _mma_step(a_bufs, b_bufs, u_bufs, ready, empty, g0, kk, acc, acc_up,
         acc = warpgroup_mma(a, b_bufs.index(s).permute((1, 0)), acc, use_acc=kk > 0, is_async=True)
     else:
         acc = warpgroup_mma(a, b_bufs.index(s), acc, use_acc=kk > 0, is_async=True)
-    if EPILOGUE == 1:
+    if EPILOGUE == 1 and not MERGE:
         acc_up = warpgroup_mma(a, u_bufs.index(s), acc_up, use_acc=kk > 0, is_async=True)
         acc, acc_up = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc_up))
     else:
@@ -158,10 +164,10 @@ def _mma_step(a_bufs, b_bufs, u_bufs, ready, empty, g0, kk, acc, acc_up,
 
 
 @gluon.jit
-def _mma_drain(empty, g0, ksteps, acc, acc_up, EPILOGUE: gl.constexpr):
+def _mma_drain(empty, g0, ksteps, acc, acc_up, EPILOGUE: gl.constexpr, MERGE: gl.constexpr):
     """Wait for a tile's last MMAs and release its last stage."""
     S: gl.constexpr = empty.type.shape[0]
-    if EPILOGUE == 1:
+    if EPILOGUE == 1 and not MERGE:
         acc, acc_up = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc_up))
     else:
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
@@ -171,13 +177,15 @@ def _mma_drain(empty, g0, ksteps, acc, acc_up, EPILOGUE: gl.constexpr):
 
 @gluon.jit
 def _mainloop(a_bufs, b_bufs, u_bufs, ready, empty, g0, ksteps, acc, acc_up,
-              EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, A_ROW: gl.constexpr, A_ROWS: gl.constexpr):
-    """acc (and acc_up for SwiGLU) = rows A_ROW .. A_ROW + A_ROWS of the tile's product over the stages of ring steps
-    g0 .. g0 + ksteps - 1; each stage is released as soon as the MMAs reading it have completed."""
+              EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, A_ROW: gl.constexpr, A_ROWS: gl.constexpr,
+              MERGE: gl.constexpr):
+    """acc (and acc_up for SwiGLU without MERGE) = rows A_ROW .. A_ROW + A_ROWS of the tile's product over the
+    stages of ring steps g0 .. g0 + ksteps - 1; each stage is released as soon as the MMAs reading it have
+    completed."""
     for kk in range(ksteps):
         acc, acc_up = _mma_step(a_bufs, b_bufs, u_bufs, ready, empty, g0, kk, acc, acc_up, EPILOGUE, B_KMAJOR,
-                                A_ROW, A_ROWS)
-    return _mma_drain(empty, g0, ksteps, acc, acc_up, EPILOGUE)
+                                A_ROW, A_ROWS, MERGE)
+    return _mma_drain(empty, g0, ksteps, acc, acc_up, EPILOGUE, MERGE)
 
 
 @gluon.jit
@@ -185,11 +193,11 @@ def _mainloop_interleaved(a_bufs, b_bufs, u_bufs, ready, empty, g0, ksteps, acc,
                           epi_smem, up_smem, prow0, prow_end, ptn, N, HALF,
                           c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw,
                           EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, A_ROW: gl.constexpr,
-                          A_ROWS: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr):
+                          A_ROWS: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr, MERGE: gl.constexpr):
     """``_mainloop``, with the previous tile's epilogue (rows prow0 .. prow_end, column tile ptn, waiting in
     ``epi_smem``) run one row slice after every ksteps / slices k-steps, while the tensor cores work through the
     MMAs issued before it. A first tile passes prow_end = prow0: every store of its epilogue is masked off."""
-    BN: gl.constexpr = epi_smem.type.shape[1]
+    BN: gl.constexpr = _out_cols(epi_smem.type.shape[1], EPILOGUE, MERGE)
     NSL: gl.constexpr = epi_smem.type.shape[0] // SUB
     layout: gl.constexpr = _epilogue_layout(BN, 4)
     cols = ptn * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
@@ -200,17 +208,17 @@ def _mainloop_interleaved(a_bufs, b_bufs, u_bufs, ready, empty, g0, ksteps, acc,
     for r in gl.static_range(NSL):
         for kk in range(r * kps, (r + 1) * kps):
             acc, acc_up = _mma_step(a_bufs, b_bufs, u_bufs, ready, empty, g0, kk, acc, acc_up, EPILOGUE, B_KMAJOR,
-                                    A_ROW, A_ROWS)
+                                    A_ROW, A_ROWS, MERGE)
         cur = nxt
         if r + 1 < NSL:
             nxt = _epilogue_loads(prow0, r + 1, prow_end, cols, col_ok, aux_ptr, rw_ptr, s_auxm, HALF, EPILOGUE,
                                   HAS_RW, SUB, layout)
         _epilogue_slice(epi_smem, up_smem, r, cur, prow0, prow_end, cols, col_ok, ptn, HALF, c_ptr, h_ptr, drw_ptr,
-                        s_cm, s_hm, s_drw, EPILOGUE, HAS_RW, SUB, layout)
+                        s_cm, s_hm, s_drw, EPILOGUE, HAS_RW, SUB, layout, MERGE)
     for kk in range(NSL * kps, ksteps):
         acc, acc_up = _mma_step(a_bufs, b_bufs, u_bufs, ready, empty, g0, kk, acc, acc_up, EPILOGUE, B_KMAJOR,
-                                A_ROW, A_ROWS)
-    return _mma_drain(empty, g0, ksteps, acc, acc_up, EPILOGUE)
+                                A_ROW, A_ROWS, MERGE)
+    return _mma_drain(empty, g0, ksteps, acc, acc_up, EPILOGUE, MERGE)
 
 
 @gluon.jit
@@ -234,6 +242,12 @@ def _epilogue_loads(row0, r: gl.constexpr, row_end, cols, col_ok, aux_ptr, rw_pt
 
 
 @gluon.constexpr_function
+def _out_cols(epi_cols, EPILOGUE, MERGE):
+    """Output columns of a tile: the epilogue buffer holds the gate and up columns side by side with MERGE."""
+    return epi_cols // 2 if EPILOGUE == 1 and MERGE else epi_cols
+
+
+@gluon.constexpr_function
 def _epilogue_layout(BN, num_warps):
     """Registers of an epilogue row slice: 8 consecutive columns (16 bytes) per thread, rows across warps."""
     tpw_n = min(BN // 8, 32)
@@ -243,7 +257,8 @@ def _epilogue_layout(BN, num_warps):
 @gluon.jit
 def _epilogue_slice(epi_smem, up_smem, r: gl.constexpr, loaded, row0, row_end, cols, col_ok, tn, HALF,
                     c_ptr, h_ptr, drw_ptr, s_cm, s_hm, s_drw,
-                    EPILOGUE: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr, layout: gl.constexpr):
+                    EPILOGUE: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr, layout: gl.constexpr,
+                    MERGE: gl.constexpr):
     """Row slice r of a tile's epilogue: its values from shared memory, SwiGLU (backward) with the slice's
     ``loaded`` values (``_epilogue_loads``), masked stores."""
     g_in, up_in, w = loaded
@@ -251,12 +266,20 @@ def _epilogue_slice(epi_smem, up_smem, r: gl.constexpr, loaded, row0, row_end, c
     row_ok = rows < row_end
     rows64 = rows.to(gl.int64)
     mask = row_ok[:, None] & col_ok[None, :]
-    v = epi_smem.slice(r * SUB, SUB, dim=0).load(layout)
+    BN: gl.constexpr = _out_cols(epi_smem.type.shape[1], EPILOGUE, MERGE)
+    slice_smem = epi_smem.slice(r * SUB, SUB, dim=0)
+    if EPILOGUE == 1 and MERGE:
+        v = slice_smem.slice(0, BN, dim=1).load(layout)
+    else:
+        v = slice_smem.load(layout)
     c_ptrs = c_ptr + rows64[:, None] * s_cm + cols[None, :]
     if EPILOGUE == 0:
         gl.store(c_ptrs, v, mask=mask)
     elif EPILOGUE == 1:
-        up = up_smem.slice(r * SUB, SUB, dim=0).load(layout)
+        if MERGE:
+            up = slice_smem.slice(BN, BN, dim=1).load(layout)
+        else:
+            up = up_smem.slice(r * SUB, SUB, dim=0).load(layout)
         gl.store(c_ptrs, v, mask=mask)
         gl.store(c_ptrs + HALF, up, mask=mask)
         g = v.to(gl.float32)
@@ -283,14 +306,15 @@ def _epilogue_slice(epi_smem, up_smem, r: gl.constexpr, loaded, row0, row_end, c
 @gluon.jit
 def _epilogue(epi_smem, up_smem, row0, row_end, n0, tn, N, HALF,
               c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw,
-              EPILOGUE: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr, num_warps: gl.constexpr):
+              EPILOGUE: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr, num_warps: gl.constexpr,
+              MERGE: gl.constexpr):
     """Stores of one tile from its 16-bit copy in shared memory, SUB rows at a time.
 
     The global loads of row slice r + 1 are issued before slice r is computed and stored: while the other consumer
     streams its operands a round trip to memory takes microseconds, and loads issued only when their slice comes
     up would cost one round trip per slice."""
     BM: gl.constexpr = epi_smem.type.shape[0]
-    BN: gl.constexpr = epi_smem.type.shape[1]
+    BN: gl.constexpr = _out_cols(epi_smem.type.shape[1], EPILOGUE, MERGE)
     layout: gl.constexpr = _epilogue_layout(BN, num_warps)
     cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
     col_ok = cols < N
@@ -302,14 +326,14 @@ def _epilogue(epi_smem, up_smem, row0, row_end, n0, tn, N, HALF,
             nxt = _epilogue_loads(row0, r + 1, row_end, cols, col_ok, aux_ptr, rw_ptr, s_auxm, HALF, EPILOGUE,
                                   HAS_RW, SUB, layout)
         _epilogue_slice(epi_smem, up_smem, r, cur, row0, row_end, cols, col_ok, tn, HALF, c_ptr, h_ptr, drw_ptr,
-                        s_cm, s_hm, s_drw, EPILOGUE, HAS_RW, SUB, layout)
+                        s_cm, s_hm, s_drw, EPILOGUE, HAS_RW, SUB, layout, MERGE)
 
 
 @gluon.jit
 def _consumer(c_id, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_smem, table_ptr, MAX_T, NB_N, K, N,
               HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
               EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr,
-              TIMING: gl.constexpr, COOP: gl.constexpr, INTERLEAVE: gl.constexpr):
+              TIMING: gl.constexpr, COOP: gl.constexpr, INTERLEAVE: gl.constexpr, MERGE: gl.constexpr):
     """Ping-pong: tiles c_id, c_id + 2, ... of this program (four warps), MMAs in turn with the other consumer,
     then the epilogue while the other one multiplies. Cooperative (``COOP``): every tile of this program, rows
     c_id * BM .. (c_id + 1) * BM of it, both consumers at once; with ``INTERLEAVE`` each tile's epilogue runs in
@@ -317,10 +341,11 @@ def _consumer(c_id, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_sm
     """
     BM: gl.constexpr = epi_smem.type.shape[0]  # rows of a tile this consumer computes
     BK: gl.constexpr = a_bufs.type.shape[2]
-    BN: gl.constexpr = epi_smem.type.shape[1]
+    BN_ACC: gl.constexpr = epi_smem.type.shape[1]  # accumulator columns (gate and up with MERGE)
+    BN: gl.constexpr = _out_cols(BN_ACC, EPILOGUE, MERGE)  # output columns
     A_ROW: gl.constexpr = c_id * BM if COOP else 0
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, BN, 16])
+                                                         instr_shape=[16, BN_ACC, 16])
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
     total = gl.load(table_ptr + 3 * MAX_T) * NB_N
@@ -352,23 +377,26 @@ def _consumer(c_id, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_sm
             mbarrier.wait(order.index(c_id), (j // 2 - 1 + c_id) & 1, pred=j > 0)
         if TIMING:
             t1 = _now(j)
-        acc = gl.zeros([BM, BN], gl.float32, mma_layout)
-        acc_up = gl.zeros([BM, BN], gl.float32, mma_layout)
+        acc = gl.zeros([BM, BN_ACC], gl.float32, mma_layout)
+        if EPILOGUE == 1 and MERGE:
+            acc_up = acc  # unused: the gate and up columns share acc
+        else:
+            acc_up = gl.zeros([BM, BN], gl.float32, mma_layout)
         if INTERLEAVE:
             acc, acc_up = _mainloop_interleaved(a_bufs, b_bufs, u_bufs, ready, empty, j * ksteps, ksteps, acc, acc_up,
                                                 epi_smem, up_smem, prow0, prow_end, ptn, N, HALF, c_ptr, aux_ptr,
                                                 h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw,
-                                                EPILOGUE, B_KMAJOR, A_ROW, BM, HAS_RW, SUB)
+                                                EPILOGUE, B_KMAJOR, A_ROW, BM, HAS_RW, SUB, MERGE)
             gl.thread_barrier()  # every warp is done with the previous tile's values in epi_smem
         else:
             acc, acc_up = _mainloop(a_bufs, b_bufs, u_bufs, ready, empty, j * ksteps, ksteps, acc, acc_up,
-                                    EPILOGUE, B_KMAJOR, A_ROW, BM)
+                                    EPILOGUE, B_KMAJOR, A_ROW, BM, MERGE)
         if not COOP:
             mbarrier.arrive(order.index(1 - c_id))
         if TIMING:
             t2 = _now(j)
         epi_smem.store(acc.to(c_ptr.dtype.element_ty))
-        if EPILOGUE == 1:
+        if EPILOGUE == 1 and not MERGE:
             up_smem.store(acc_up.to(c_ptr.dtype.element_ty))
         gl.thread_barrier()
         if INTERLEAVE:
@@ -377,7 +405,7 @@ def _consumer(c_id, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_sm
             ptn = tn
         else:
             _epilogue(epi_smem, up_smem, row0, row_end, tn * BN, tn, N, HALF, c_ptr, aux_ptr, h_ptr, rw_ptr,
-                      drw_ptr, s_cm, s_auxm, s_hm, s_drw, EPILOGUE, HAS_RW, SUB, 4)
+                      drw_ptr, s_cm, s_auxm, s_hm, s_drw, EPILOGUE, HAS_RW, SUB, 4, MERGE)
             gl.thread_barrier()
         if TIMING:
             # Program 0's first 64 tiles: [tile, (before the turn, turn, MMAs done, epilogue done)] in ns.
@@ -393,7 +421,7 @@ def _consumer(c_id, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_sm
             j += 2
     if INTERLEAVE:  # the last tile's epilogue
         _epilogue(epi_smem, up_smem, prow0, prow_end, ptn * BN, ptn, N, HALF, c_ptr, aux_ptr, h_ptr, rw_ptr,
-                  drw_ptr, s_cm, s_auxm, s_hm, s_drw, EPILOGUE, HAS_RW, SUB, 4)
+                  drw_ptr, s_cm, s_auxm, s_hm, s_drw, EPILOGUE, HAS_RW, SUB, 4, MERGE)
     if TIMING:
         # Every program, consumer c_id: [256 + 4 * pid + 2 * c_id + (start, end)] in ns.
         t_end = _now(j)
@@ -407,17 +435,23 @@ def _ws_rows_kernel(
     MAX_T, N, K, NB_N, HALF, N_ROWS, s_cm, s_auxm, s_hm, s_drw,
     STAGES: gl.constexpr, EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, HAS_RW: gl.constexpr,
     SUB: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, TIMING: gl.constexpr,
-    COOP: gl.constexpr, INTERLEAVE: gl.constexpr,
+    COOP: gl.constexpr, INTERLEAVE: gl.constexpr, MERGE: gl.constexpr,
 ):
     BM: gl.constexpr = a_desc.block_type.shape[0]
     BN: gl.constexpr = b_desc.block_type.shape[0] if B_KMAJOR else b_desc.block_type.shape[1]
     dtype: gl.constexpr = a_desc.dtype
+    BK: gl.constexpr = a_desc.block_type.shape[1]
     a_bufs = gl.allocate_shared_memory(dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
-    b_bufs = gl.allocate_shared_memory(dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
-    if EPILOGUE == 1:
-        u_bufs = gl.allocate_shared_memory(dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
-    else:
+    if EPILOGUE == 1 and MERGE:  # gate and up columns side by side: one [BK, 2 * BN] operand, one MMA per k-step
+        b_bufs = gl.allocate_shared_memory(dtype, [STAGES, BK, 2 * BN],
+                                           gl.NVMMASharedLayout.get_default_for([BK, 2 * BN], dtype))
         u_bufs = b_bufs
+    else:
+        b_bufs = gl.allocate_shared_memory(dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
+        if EPILOGUE == 1:
+            u_bufs = gl.allocate_shared_memory(dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
+        else:
+            u_bufs = b_bufs
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     order = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -430,9 +464,14 @@ def _ws_rows_kernel(
     # Rows of a tile each consumer computes.
     BMC: gl.constexpr = BM // 2 if COOP else BM
     epi_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BMC, BN], dtype)
-    epi0 = gl.allocate_shared_memory(dtype, [BMC, BN], epi_layout)
-    epi1 = gl.allocate_shared_memory(dtype, [BMC, BN], epi_layout)
-    if EPILOGUE == 1:
+    if EPILOGUE == 1 and MERGE:
+        merged_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BMC, 2 * BN], dtype)
+        epi0 = gl.allocate_shared_memory(dtype, [BMC, 2 * BN], merged_layout)
+        epi1 = gl.allocate_shared_memory(dtype, [BMC, 2 * BN], merged_layout)
+    else:
+        epi0 = gl.allocate_shared_memory(dtype, [BMC, BN], epi_layout)
+        epi1 = gl.allocate_shared_memory(dtype, [BMC, BN], epi_layout)
+    if EPILOGUE == 1 and not MERGE:
         up0 = gl.allocate_shared_memory(dtype, [BMC, BN], epi_layout)
         up1 = gl.allocate_shared_memory(dtype, [BMC, BN], epi_layout)
     else:
@@ -445,12 +484,12 @@ def _ws_rows_kernel(
     gl.warp_specialize([
         (_consumer, (0, a_bufs, b_bufs, u_bufs, ready, empty, order, epi0, up0, table_ptr, MAX_T, NB_N, K, N, HALF,
                      c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
-                     EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING, COOP, INTERLEAVE)),
+                     EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING, COOP, INTERLEAVE, MERGE)),
         (_consumer, (1, a_bufs, b_bufs, u_bufs, ready, empty, order, epi1, up1, table_ptr, MAX_T, NB_N, K, N, HALF,
                      c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
-                     EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING, COOP, INTERLEAVE)),
+                     EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING, COOP, INTERLEAVE, MERGE)),
         (_producer, (a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_ptr, MAX_T, NB_N, K, HALF, N_ROWS,
-                     EPILOGUE, B_KMAJOR)),
+                     EPILOGUE, B_KMAJOR, MERGE)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -458,7 +497,7 @@ def _ws_rows_kernel(
 def compile_only(arch: int = 90, *, epilogue: int = _PLAIN, b_kmajor: bool = False, has_rw: bool = False,
                  bm: int = 128, bn: int = 128, bk: int = 64, stages: int = 4, sub: int = 32,
                  consumer_regs: int = 232, producer_regs: int = 40, maxnreg: int = 168, timing: bool = False,
-                 coop: bool = False, interleave: bool = False):
+                 coop: bool = False, interleave: bool = False, merge: bool = False):
     """Compile the kernel for ``sm_<arch>`` without a GPU (CPU is fine) and return Triton's compiled kernel, whose
     ``asm`` holds the TTGIR, PTX and cubin: tests check on the CPU that it is warp-specialised."""
     from triton.backends.compiler import GPUTarget  # noqa: PLC0415
@@ -475,7 +514,8 @@ def compile_only(arch: int = 90, *, epilogue: int = _PLAIN, b_kmajor: bool = Fal
     signature = dict(zip(names, types + ["i32"] * 10, strict=True))
     constexprs = {"STAGES": stages, "EPILOGUE": epilogue, "B_KMAJOR": b_kmajor, "HAS_RW": has_rw, "SUB": sub,
                   "CONSUMER_REGS": consumer_regs, "PRODUCER_REGS": producer_regs, "TIMING": timing,
-                  "COOP": bool(coop), "INTERLEAVE": bool(interleave and coop)}
+                  "COOP": bool(coop), "INTERLEAVE": bool(interleave and coop),
+                  "MERGE": bool(merge and epilogue == _SWIGLU)}
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     # As the launcher specialises them on a GPU: pointers and the sizes of the benchmark shapes are 16-divisible.
     divisible = names[2:9] + ["N", "K", "HALF", "N_ROWS", "s_cm", "s_auxm", "s_hm"]
@@ -494,13 +534,15 @@ def ws_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, bm: int 
                row_weights: torch.Tensor | None = None, sub: int = 32, consumer_regs: int = 232,
                producer_regs: int = 40, maxnreg: int | None = 168, table: tuple[torch.Tensor, int] | None = None,
                num_programs: int | None = None, timing: torch.Tensor | None = None, coop: bool = False,
-               interleave: bool = False):
+               interleave: bool = False, merge: bool = False):
     """``triton_grouped.grouped_rows_mm`` on the warp-specialised kernel (same arguments and results); ``bn`` is
     per SwiGLU half for the SwiGLU epilogue. ``coop``: both consumers work on each ``bm`` x ``bn`` tile, ``bm / 2``
     rows each (CUTLASS's "cooperative" schedule), instead of taking alternate tiles ("ping-pong"). ``interleave``
     (cooperative only): each tile's epilogue runs in row slices of ``sub`` between the next tile's k-steps, so that
-    it overlaps MMAs. ``timing``: an int64 tensor of at least 256 + 4 x programs zeros, which receives %globaltimer
-    readings: program 0's first 64 tiles (4 each), then every program's start and end (2 per consumer)."""
+    it overlaps MMAs. ``merge`` (SwiGLU): each k-step's gate and up columns share one [bk, 2 x bn] stage and one MMA
+    per consumer (m64n256 instead of two m64n128, which each read the A tile from shared memory). ``timing``: an
+    int64 tensor of at least 256 + 4 x programs zeros, which receives %globaltimer readings: program 0's first 64
+    tiles (4 each), then every program's start and end (2 per consumer)."""
     if row_weights is not None and epilogue == _PLAIN:
         raise ValueError("row_weights apply to the SwiGLU epilogues only")
     a = a.contiguous()
@@ -539,7 +581,7 @@ def ws_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, bm: int 
             max_t, n, k, nb_n, half, n_out, c.stride(0), aux.stride(0), h.stride(0), drw.stride(0),
             STAGES=stages, EPILOGUE=epilogue, B_KMAJOR=b_kmajor, HAS_RW=has_rw, SUB=sub,
             CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, TIMING=timing is not None, COOP=bool(coop),
-            INTERLEAVE=bool(interleave and coop),
+            INTERLEAVE=bool(interleave and coop), MERGE=bool(merge and epilogue == _SWIGLU),
             num_warps=4,
             **kwargs,
         )

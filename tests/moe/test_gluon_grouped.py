@@ -53,13 +53,14 @@ def test_tile_table_matches_reference_in_interpreter(seed):
 @pytest.mark.parametrize("epilogue,b_kmajor,has_rw,bn,coop,interleave", [
     (0, False, False, 128, False, False), (0, True, False, 128, False, False), (1, False, True, 64, False, False),
     (2, True, True, 128, False, False), (0, True, False, 256, True, False), (1, False, True, 128, True, False),
-    (2, True, True, 128, True, False), (2, True, True, 128, True, True), (1, False, True, 128, True, True)])
+    (2, True, True, 128, True, False), (2, True, True, 128, True, True), (1, False, True, 128, True, True),
+    (1, False, True, 128, True, "merged")])
 def test_kernel_compiles_warp_specialised_for_sm90(epilogue, b_kmajor, has_rw, bn, coop, interleave):
     from lightning_moe.moe import gluon_grouped as gg
 
     kernel = gg.compile_only(90, epilogue=epilogue, b_kmajor=b_kmajor, has_rw=has_rw, bn=bn, coop=coop,
-                             stages=3 if coop and (bn == 256 or epilogue == 1) else 4, interleave=interleave,
-                             sub=8 if interleave else 32)
+                             stages=3 if coop and (bn == 256 or epilogue == 1) else 4, interleave=bool(interleave),
+                             sub=8 if interleave else 32, merge=interleave == "merged")
     ptx = kernel.asm["ptx"]
     # Three partitions (two MMA consumers, one TMA producer) that hand registers over at run time.
     assert "ttg.warp_specialize" in kernel.asm["ttgir"]
@@ -73,13 +74,15 @@ def test_kernel_compiles_warp_specialised_for_sm90(epilogue, b_kmajor, has_rw, b
 @needs_gluon
 @pytest.mark.parametrize("op", ["fwd1", "fwd2", "dgrad2", "dgrad1"])
 @pytest.mark.parametrize("row_weights", [False, True])
-@pytest.mark.parametrize("schedule", ["pingpong", "coop", "coop_interleaved"])
+@pytest.mark.parametrize("schedule", ["pingpong", "coop", "coop_interleaved", "coop_interleaved_merged"])
 def test_gpu_matches_triton_rows(seed, op, row_weights, schedule):
     from lightning_moe.moe import gluon_grouped as gg
     from lightning_moe.moe import triton_grouped as tg
 
     if op in ("fwd2", "dgrad1") and row_weights:
         pytest.skip("row weights apply to the SwiGLU epilogues only")
+    if schedule.endswith("merged") and op != "fwd1":
+        pytest.skip("merge applies to the SwiGLU GEMM only")
     g = torch.Generator(device="cuda").manual_seed(seed)
     experts, dim, hidden = 8, 256, 192
     probs = torch.rand(experts, device="cuda", generator=g) ** 3
@@ -101,8 +104,8 @@ def test_gpu_matches_triton_rows(seed, op, row_weights, schedule):
     ref = tg.grouped_rows_mm(x, b, offs, cfg, **kw)
     if schedule != "pingpong":  # 128 x 256 tiles (fwd1: 128 gate + 128 up columns), 3 stages; dgrad2 128 x 128
         tile = {"bn": 128 if op in ("fwd1", "dgrad2") else 256, "stages": 4 if op == "dgrad2" else 3, "coop": True}
-        if schedule == "coop_interleaved":
-            tile.update(interleave=True, sub=8)
+        if schedule.startswith("coop_interleaved"):
+            tile.update(interleave=True, sub=8, merge=schedule.endswith("merged"))
     else:
         tile = {"bn": 64 if op == "fwd1" else 128}
     out = gg.ws_rows_mm(x, b, offs, **tile, **kw)
@@ -121,3 +124,20 @@ def test_timing_build_reads_the_global_timer():
     timed = gg.compile_only(90, epilogue=2, b_kmajor=True, has_rw=True, coop=True, interleave=True, sub=8,
                             timing=True)
     assert "%globaltimer" in timed.asm["ptx"] and "%globaltimer" not in plain.asm["ptx"]
+
+
+@needs_gluon
+def test_merged_swiglu_runs_one_mma_over_gate_and_up():
+    """merge: the SwiGLU GEMM loads each k-step's gate and up columns side by side and multiplies them in one
+    m64n256 wgmma per consumer (two m64n128 ones without it, each reading the A tile)."""
+    import re
+    from collections import Counter
+
+    from lightning_moe.moe import gluon_grouped as gg
+
+    kw = dict(epilogue=1, has_rw=True, bn=128, stages=3, coop=True, interleave=True, sub=8)
+    shapes = {merge: Counter(re.findall(r"wgmma.mma_async.sync.aligned.(m64n\d+k16)",
+                                        gg.compile_only(90, merge=merge, **kw).asm["ptx"]))
+              for merge in (False, True)}
+    assert set(shapes[False]) == {"m64n128k16"} and set(shapes[True]) == {"m64n256k16"}
+    assert sum(shapes[False].values()) == 2 * sum(shapes[True].values())
