@@ -72,7 +72,7 @@ def _unfused_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     (a gather-sum over each token's K routed rows). As ``addmm`` (its default for a sum that feeds no elementwise
     op) that copies the gather-sum into the output and runs the GEMM with beta = 1: a 67 MB copy (30 us) and a
     GEMM that reads and writes [T, D] (50 us) on the benchmark layer (H200). Unfused, the GEMM writes [T, D] once
-    and the add joins the gather-sum's kernel."""
+    (23 us) and the add joins the gather-sum's kernel (131 against 113 us)."""
     return torch.mm(a, b).unsqueeze(0).squeeze(0)
 
 
@@ -114,10 +114,11 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
 def top_k_indices(choice: torch.Tensor, k: int) -> torch.Tensor:
     """[T, K] indices of each row's K largest values of ``choice`` [T, E], largest first.
 
-    Under ``torch.compile`` this is K rounds of argmax, each masking the winner, which Inductor fuses into one
-    kernel over the rows; ``torch.topk`` is a library call there (a radix select and a sort of the K winners, 65 us
-    for 16k tokens over 64 experts on an H200). Ties may resolve differently from ``torch.topk``, whose order among
-    equal values is unspecified. Rows need K values above -inf (the router's configurations guarantee it)."""
+    Under ``torch.compile`` this is K rounds of argmax, each masking the winner, which Inductor turns into small
+    fused kernels (11 for K = 6, 33 us in all for 16k tokens over 64 experts on an H200, the softmax included);
+    ``torch.topk`` is a library call there (a radix select and a sort of the K winners, 65 us). Ties may resolve
+    differently from ``torch.topk``, whose order among equal values is unspecified. Rows need K values above -inf
+    (the router's configurations guarantee it)."""
     if not torch.compiler.is_compiling() or k > 16:
         return choice.topk(k, dim=-1).indices
     picks = []

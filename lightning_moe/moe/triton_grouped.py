@@ -425,9 +425,9 @@ def weight_grad(a: torch.Tensor, g: torch.Tensor, offs: torch.Tensor, cfg: TileC
 
 # Row GEMMs: "triton" (``grouped_rows_mm``) or "gluon" (``gluon_grouped.ws_rows_mm``: warp-specialised, Hopper
 # only, with its own tiles in ``gluon_grouped.CONFIGS``); "auto" takes gluon on sm_90 with 16-bit operands where
-# Triton ships Gluon. On an H200 the Gluon kernels took 1.868 / 0.879 / 1.203 / 1.704 ms against Triton's
-# 2.040 / 0.971 / 1.390 / 1.828 (fwd1 / fwd2 / dgrad2 / dgrad1, benchmarks/gluon_grouped_bench.py), and the
-# compiled benchmark layer 9.35 against 9.90 ms (benchmarks/moe_layer.py, variant triton_rows).
+# Triton ships Gluon. On an H200 the Gluon kernels took 1.817 / 0.879 / 1.203 / 1.704 ms against Triton's
+# 2.074 / 0.971 / 1.390 / 1.828 (fwd1 / fwd2 / dgrad2 / dgrad1, benchmarks/gluon_grouped_bench.py), and the
+# compiled benchmark layer 9.35 against 9.90 ms (benchmarks/moe_layer.py, variant triton_rows; before fwd1's merge).
 ROWS = "auto"
 
 
