@@ -12,6 +12,7 @@ SwiGLU and SwiGLU-backward epilogues), with the schedules of CUTLASS's Hopper ke
     ``interleave`` each tile's epilogue runs in row slices between the next tile's k-steps, so that it overlaps
     the MMAs already issued.
 
+With ``merge`` (SwiGLU, what ``CONFIGS`` uses) each k-step's gate and up columns share one stage and one MMA.
 The epilogue rounds the accumulator to 16 bits into shared memory and reads it back in row slices, so that the SwiGLU
 arithmetic holds few values per thread. Rows of a tile that belong to the next expert are computed but never stored
 (masked stores).

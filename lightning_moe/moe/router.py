@@ -115,7 +115,7 @@ def top_k_indices(choice: torch.Tensor, k: int) -> torch.Tensor:
     """[T, K] indices of each row's K largest values of ``choice`` [T, E], largest first.
 
     Under ``torch.compile`` this is K rounds of argmax, each masking the winner, which Inductor turns into small
-    fused kernels (11 for K = 6, 33 us in all for 16k tokens over 64 experts on an H200, the softmax included);
+    fused kernels (11 for K = 6, 36 us in all for 16k tokens over 64 experts on an H200, the softmax included);
     ``torch.topk`` is a library call there (a radix select and a sort of the K winners, 65 us). Ties may resolve
     differently from ``torch.topk``, whose order among equal values is unspecified. Rows need K values above -inf
     (the router's configurations guarantee it)."""
