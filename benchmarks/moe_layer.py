@@ -11,6 +11,8 @@ Rows (all at the same useful FLOPs: T * K tokens through SwiGLU experts of size 
 the overhead of routing and permutation shows up as a lower figure. Ratios are against dense_mlp in the same process.
 Every step starts with the gradients set to None, as after ``optimizer.zero_grad(set_to_none=True)``; the rows marked
 "grads accumulated" skip that, so each backward also adds into the previous step's ``.grad``.
+On the GPU each row also shows the median SM clock and power draw while it was timed (``gpu_clocks.py``): at the
+power limit the clock drops, so rows run at different clocks can differ by more than their code.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gpu_clocks import ClockSampler  # noqa: E402
+
 from lightning_moe.models.config import ModelConfig  # noqa: E402
 from lightning_moe.moe.experts import RoutedExperts  # noqa: E402
 from lightning_moe.moe.kernels import KERNELS  # noqa: E402
@@ -46,15 +50,32 @@ def clear_grads(*tensors: torch.Tensor) -> None:
         t.grad = None
 
 
+CLOCKS: list[str] = []
+"""The GPU's median SM clock and power over each timed row (``gpu_clocks.py``), for the table; empty off the GPU."""
+
+
 def timeit(fn, warmup: int, iters: int, device: torch.device, repeats: int = 5) -> float:
     """Milliseconds per fn() (forward + backward): the median over ``repeats`` of ``iters`` back-to-back calls.
 
     Calls run back to back, as training steps do, so the host's launch latency overlaps the previous call's GPU work
-    and is not counted as GPU idle time (timing every call between two synchronisations would count it).
+    and is not counted as GPU idle time (timing every call between two synchronisations would count it). On the GPU
+    the SM clock and power are sampled meanwhile and appended to ``CLOCKS``: at the power limit the clock drops.
     """
     for _ in range(warmup):
         fn()
     times, host = [], []
+    with ClockSampler() as clocks:
+        _timed_repeats(fn, iters, device, repeats, times, host)
+    if device.type == "cuda":
+        CLOCKS.append(clocks.summary())
+        print(f"    GPU while timed: {clocks.summary() or 'no nvidia-smi'}", flush=True)
+    if host:
+        # When the host needs about as long to issue a call as the GPU to run it, the GPU waits on the host.
+        print(f"    host time to issue one call: {statistics.median(host):.2f} ms", flush=True)
+    return statistics.median(times)
+
+
+def _timed_repeats(fn, iters: int, device: torch.device, repeats: int, times: list, host: list) -> None:
     for _ in range(repeats):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -72,10 +93,6 @@ def timeit(fn, warmup: int, iters: int, device: torch.device, repeats: int = 5) 
             for _ in range(iters):
                 fn()
             times.append((time.perf_counter() - t0) * 1e3 / iters)
-    if host:
-        # When the host needs about as long to issue a call as the GPU to run it, the GPU waits on the host.
-        print(f"    host time to issue one call: {statistics.median(host):.2f} ms", flush=True)
-    return statistics.median(times)
 
 
 def profile_layer(name: str, step, folder: Path, steps: int = 3) -> None:
@@ -240,7 +257,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows: list[dict] = []
 
     def record(name: str, ms: float | None, note: str = "") -> None:
-        rows.append({"name": name, "ms": ms, "tflops": flops / (ms * 1e-3) / 1e12 if ms else None, "note": note})
+        clocks = CLOCKS.pop() if ms is not None and CLOCKS else ""
+        rows.append({"name": name, "ms": ms, "tflops": flops / (ms * 1e-3) / 1e12 if ms else None, "note": note,
+                     "clocks": clocks})
         print(f"{name:32s} {'' if ms is None else f'{ms:9.2f} ms'} {note}", flush=True)
 
     x = torch.randn(t, d, device=device, dtype=dtype, requires_grad=True)
@@ -338,15 +357,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"MoE layer benchmark on {dev_name}, torch {torch.__version__}, {args.dtype}, forward+backward: "
         f"{t} tokens, hidden {d}, expert FFN {h}, {e} experts, top-{k}.",
         "",
-        "| variant | time (ms) | effective TFLOP/s | throughput vs dense | note |",
-        "| --- | ---: | ---: | ---: | --- |",
+        "| variant | time (ms) | effective TFLOP/s | throughput vs dense | GPU while timed | note |",
+        "| --- | ---: | ---: | ---: | --- | --- |",
     ]
     for r in rows:
         if r["ms"] is None:
-            lines.append(f"| {r['name']} | - | - | - | {r['note']} |")
+            lines.append(f"| {r['name']} | - | - | - | | {r['note']} |")
         else:
             ratio = dense_ms / r["ms"]
-            lines.append(f"| {r['name']} | {r['ms']:.2f} | {r['tflops']:.1f} | {ratio:.0%} | {r['note']} |")
+            lines.append(f"| {r['name']} | {r['ms']:.2f} | {r['tflops']:.1f} | {ratio:.1%} | {r['clocks']} | "
+                         f"{r['note']} |")
     table = "\n".join(lines)
     print("\n" + table)
     out = args.out or ("docs/moe_layer_benchmark.md" if device.type == "cuda" else None)
