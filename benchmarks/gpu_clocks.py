@@ -43,7 +43,7 @@ class ClockSampler:
     def __enter__(self) -> ClockSampler:
         exe = shutil.which("nvidia-smi")
         if exe:
-            cmd = [exe, f"--id={self.gpu}", *QUERY, f"-lms={self.interval_ms}"]
+            cmd = [exe, f"--id={self.gpu}", *QUERY, "-lms", str(self.interval_ms)]  # as run by hand on the H200
             self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         return self
 
