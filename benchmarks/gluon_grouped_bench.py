@@ -1,7 +1,7 @@
 """The warp-specialised Gluon row GEMMs (lightning_moe/moe/gluon_grouped.py) against the Triton ones (GPU, sm_90).
 
     python benchmarks/gluon_grouped_bench.py                 # check + time the four row GEMMs of the benchmark layer
-    python benchmarks/gluon_grouped_bench.py --ops fwd1 --variants "stages=5;sub=16"
+    python benchmarks/gluon_grouped_bench.py --ops fwd1 --variants "merge=0;merge=1"
     python benchmarks/gluon_grouped_bench.py --variants "timing=1;coop=0,interleave=0,stages=4"   # + ping-pong
 
 A variant's keywords (``ws_rows_mm``'s) override the tiles the layer runs, ``gluon_grouped.CONFIGS``.

@@ -65,7 +65,23 @@ def timeit(fn, warmup: int, iters: int, device: torch.device, repeats: int = 5) 
         fn()
     times, host = [], []
     with ClockSampler() as clocks:
-        _timed_repeats(fn, iters, device, repeats, times, host)
+        for _ in range(repeats):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()
+                start.record()
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    fn()
+                host.append((time.perf_counter() - t0) * 1e3 / iters)
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) / iters)
+            else:
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    fn()
+                times.append((time.perf_counter() - t0) * 1e3 / iters)
     if device.type == "cuda":
         CLOCKS.append(clocks.summary())
         print(f"    GPU while timed: {clocks.summary() or 'no nvidia-smi'}", flush=True)
@@ -74,25 +90,6 @@ def timeit(fn, warmup: int, iters: int, device: torch.device, repeats: int = 5) 
         print(f"    host time to issue one call: {statistics.median(host):.2f} ms", flush=True)
     return statistics.median(times)
 
-
-def _timed_repeats(fn, iters: int, device: torch.device, repeats: int, times: list, host: list) -> None:
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                fn()
-            host.append((time.perf_counter() - t0) * 1e3 / iters)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / iters)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                fn()
-            times.append((time.perf_counter() - t0) * 1e3 / iters)
 
 
 def profile_layer(name: str, step, folder: Path, steps: int = 3) -> None:
@@ -225,7 +222,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="JSON {gemm: [bm, bn, bk, warps, stages]} from benchmarks/triton_grouped_tune.py")
     p.add_argument("--gluon-configs", default=None,
                    help='JSON {gemm: {ws_rows_mm keyword: value}} merged into gluon_grouped.CONFIGS, e.g. '
-                        '\'{"dgrad2": {"depth": 2}}\'')
+                        '\'{"fwd1": {"merge": false}}\'')
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20, help="back-to-back calls per timed repeat (5 repeats)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd layers")

@@ -126,7 +126,7 @@ def _producer(a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_ptr, M
             mbarrier.expect(bar, nbytes)
             k0 = kk * BK
             tma.async_copy_global_to_shared(a_desc, [row0, k0], bar, a_bufs.index(s))
-            if EPILOGUE == 1 and MERGE:
+            if MERGE:
                 b_stage = b_bufs.index(s)
                 tma.async_copy_global_to_shared(b_desc, [e * K + k0, n0], bar, b_stage.slice(0, BN, dim=1))
                 tma.async_copy_global_to_shared(b_desc, [e * K + k0, HALF + n0], bar, b_stage.slice(BN, BN, dim=1))
@@ -199,7 +199,7 @@ def _mainloop_interleaved(a_bufs, b_bufs, u_bufs, ready, empty, g0, ksteps, acc,
     """``_mainloop``, with the previous tile's epilogue (rows prow0 .. prow_end, column tile ptn, waiting in
     ``epi_smem``) run one row slice after every ksteps / slices k-steps, while the tensor cores work through the
     MMAs issued before it. A first tile passes prow_end = prow0: every store of its epilogue is masked off."""
-    BN: gl.constexpr = _out_cols(epi_smem.type.shape[1], EPILOGUE, MERGE)
+    BN: gl.constexpr = _out_cols(epi_smem.type.shape[1], MERGE)
     NSL: gl.constexpr = epi_smem.type.shape[0] // SUB
     layout: gl.constexpr = _epilogue_layout(BN, 4)
     cols = ptn * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
@@ -244,9 +244,9 @@ def _epilogue_loads(row0, r: gl.constexpr, row_end, cols, col_ok, aux_ptr, rw_pt
 
 
 @gluon.constexpr_function
-def _out_cols(epi_cols, EPILOGUE, MERGE):
+def _out_cols(epi_cols, MERGE):
     """Output columns of a tile: the epilogue buffer holds the gate and up columns side by side with MERGE."""
-    return epi_cols // 2 if EPILOGUE == 1 and MERGE else epi_cols
+    return epi_cols // 2 if MERGE else epi_cols
 
 
 @gluon.constexpr_function
@@ -268,9 +268,9 @@ def _epilogue_slice(epi_smem, up_smem, r: gl.constexpr, loaded, row0, row_end, c
     row_ok = rows < row_end
     rows64 = rows.to(gl.int64)
     mask = row_ok[:, None] & col_ok[None, :]
-    BN: gl.constexpr = _out_cols(epi_smem.type.shape[1], EPILOGUE, MERGE)
+    BN: gl.constexpr = _out_cols(epi_smem.type.shape[1], MERGE)
     slice_smem = epi_smem.slice(r * SUB, SUB, dim=0)
-    if EPILOGUE == 1 and MERGE:
+    if MERGE:
         v = slice_smem.slice(0, BN, dim=1).load(layout)
     else:
         v = slice_smem.load(layout)
@@ -316,7 +316,7 @@ def _epilogue(epi_smem, up_smem, row0, row_end, n0, tn, N, HALF,
     streams its operands a round trip to memory takes microseconds, and loads issued only when their slice comes
     up would cost one round trip per slice."""
     BM: gl.constexpr = epi_smem.type.shape[0]
-    BN: gl.constexpr = _out_cols(epi_smem.type.shape[1], EPILOGUE, MERGE)
+    BN: gl.constexpr = _out_cols(epi_smem.type.shape[1], MERGE)
     layout: gl.constexpr = _epilogue_layout(BN, num_warps)
     cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
     col_ok = cols < N
@@ -344,7 +344,7 @@ def _consumer(c_id, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_sm
     BM: gl.constexpr = epi_smem.type.shape[0]  # rows of a tile this consumer computes
     BK: gl.constexpr = a_bufs.type.shape[2]
     BN_ACC: gl.constexpr = epi_smem.type.shape[1]  # accumulator columns (gate and up with MERGE)
-    BN: gl.constexpr = _out_cols(BN_ACC, EPILOGUE, MERGE)  # output columns
+    BN: gl.constexpr = _out_cols(BN_ACC, MERGE)  # output columns
     A_ROW: gl.constexpr = c_id * BM if COOP else 0
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, BN_ACC, 16])
@@ -380,7 +380,7 @@ def _consumer(c_id, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_sm
         if TIMING:
             t1 = _now(j)
         acc = gl.zeros([BM, BN_ACC], gl.float32, mma_layout)
-        if EPILOGUE == 1 and MERGE:
+        if MERGE:
             acc_up = acc  # unused: the gate and up columns share acc
         else:
             acc_up = gl.zeros([BM, BN], gl.float32, mma_layout)
@@ -439,12 +439,13 @@ def _ws_rows_kernel(
     SUB: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, TIMING: gl.constexpr,
     COOP: gl.constexpr, INTERLEAVE: gl.constexpr, MERGE: gl.constexpr,
 ):
+    gl.static_assert(not MERGE or EPILOGUE == 1, "MERGE applies to the SwiGLU epilogue only")
     BM: gl.constexpr = a_desc.block_type.shape[0]
     BN: gl.constexpr = b_desc.block_type.shape[0] if B_KMAJOR else b_desc.block_type.shape[1]
     dtype: gl.constexpr = a_desc.dtype
     BK: gl.constexpr = a_desc.block_type.shape[1]
     a_bufs = gl.allocate_shared_memory(dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
-    if EPILOGUE == 1 and MERGE:  # gate and up columns side by side: one [BK, 2 * BN] operand, one MMA per k-step
+    if MERGE:  # gate and up columns side by side: one [BK, 2 * BN] operand, one MMA per k-step
         b_bufs = gl.allocate_shared_memory(dtype, [STAGES, BK, 2 * BN],
                                            gl.NVMMASharedLayout.get_default_for([BK, 2 * BN], dtype))
         u_bufs = b_bufs
@@ -466,7 +467,7 @@ def _ws_rows_kernel(
     # Rows of a tile each consumer computes.
     BMC: gl.constexpr = BM // 2 if COOP else BM
     epi_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BMC, BN], dtype)
-    if EPILOGUE == 1 and MERGE:
+    if MERGE:
         merged_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BMC, 2 * BN], dtype)
         epi0 = gl.allocate_shared_memory(dtype, [BMC, 2 * BN], merged_layout)
         epi1 = gl.allocate_shared_memory(dtype, [BMC, 2 * BN], merged_layout)
