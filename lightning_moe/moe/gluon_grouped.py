@@ -10,7 +10,8 @@ SwiGLU and SwiGLU-backward epilogues), with the schedules of CUTLASS's Hopper ke
     epilogue; an ordering barrier hands the MMA turn from one to the other; or
   - **cooperative** (``coop``, what ``CONFIGS`` uses): both work on every tile, half its rows each, and with
     ``interleave`` each tile's epilogue runs in row slices between the next tile's k-steps, so that it overlaps
-    the MMAs already issued.
+    the MMAs already issued; or with ``epi_warps`` a fourth partition of that many warps runs the epilogues, the
+    tiles handed to it through shared memory, and the consumers only multiply.
 
 With ``merge`` (SwiGLU, what ``CONFIGS`` uses) each k-step's gate and up columns share one stage and one MMA.
 The epilogue rounds the accumulator to 16 bits into shared memory and reads it back in row slices, so that the SwiGLU
@@ -28,6 +29,7 @@ import triton
 import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
@@ -42,12 +44,13 @@ _PLAIN, _SWIGLU, _SWIGLU_BWD = 0, 1, 2
 # ``ws_rows_mm`` keywords per row GEMM of the experts (``triton_grouped.CONFIGS``' keys), the fastest of
 # benchmarks/gluon_grouped_bench.py on an H200 (ms, Triton's ``CONFIGS`` in the same process in brackets):
 CONFIGS: dict[str, dict] = {
-    # all four cooperative (two consumers x 64 rows), epilogue interleaved with the next tile's k-steps; fwd1's gate
-    # and up columns merged into one MMA per k-step (1.893 ms without merging, same process)
-    "fwd1": {"bn": 128, "stages": 3, "coop": True, "interleave": True, "sub": 8, "merge": True},  # 1.817 (2.074)
-    "fwd2": {"bn": 256, "stages": 3, "coop": True, "interleave": True, "sub": 8},  # 0.879 (0.971)
-    "dgrad2": {"bn": 128, "stages": 4, "coop": True, "interleave": True, "sub": 8},  # 1.203 (1.390)
-    "dgrad1": {"bn": 256, "stages": 3, "coop": True, "interleave": True, "sub": 8},  # 1.704 (1.828)
+    # all four cooperative (two consumers x 64 rows); fwd1's gate and up columns merged into one MMA per k-step
+    # (1.893 ms without merging, same process); epilogues interleaved with the next tile's k-steps, except dgrad2's,
+    # which four more warps run while the consumers multiply (1.168 ms interleaved, same process)
+    "fwd1": {"bn": 128, "stages": 3, "coop": True, "interleave": True, "sub": 8, "merge": True},  # 1.811 (2.096)
+    "fwd2": {"bn": 256, "stages": 3, "coop": True, "interleave": True, "sub": 8},  # 0.897 (0.982)
+    "dgrad2": {"bn": 128, "stages": 4, "coop": True, "sub": 16, "epi_warps": 4, "consumer_regs": 160},  # 1.108 (1.420)
+    "dgrad1": {"bn": 256, "stages": 3, "coop": True, "interleave": True, "sub": 8},  # 1.753 (1.897)
 }
 
 
@@ -192,29 +195,37 @@ def _mainloop(a_bufs, b_bufs, u_bufs, ready, empty, g0, ksteps, acc, acc_up,
 
 @gluon.jit
 def _mainloop_interleaved(a_bufs, b_bufs, u_bufs, ready, empty, g0, ksteps, acc, acc_up,
-                          epi_smem, up_smem, prow0, prow_end, ptn, N, HALF,
+                          epi_smem, up_smem, staged, prow0, prow_end, ptn, N, HALF,
                           c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw,
                           EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, A_ROW: gl.constexpr,
                           A_ROWS: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr, MERGE: gl.constexpr):
     """``_mainloop``, with the previous tile's epilogue (rows prow0 .. prow_end, column tile ptn, waiting in
     ``epi_smem``) run one row slice after every ksteps / slices k-steps, while the tensor cores work through the
-    MMAs issued before it. A first tile passes prow_end = prow0: every store of its epilogue is masked off."""
+    MMAs issued before it. A first tile passes prow_end = prow0: every store of its epilogue is masked off.
+
+    A slice's saved gate/up values and row weights come by ``cp.async`` into ``staged`` (two buffers), issued one
+    slice ahead: loads into registers would hold up the next k-step, whose ``wgmma`` fence waits for every load in
+    flight to the warp's registers (one memory round trip per slice)."""
     BN: gl.constexpr = _out_cols(epi_smem.type.shape[1], MERGE)
     NSL: gl.constexpr = epi_smem.type.shape[0] // SUB
     layout: gl.constexpr = _epilogue_layout(BN, 4)
     cols = ptn * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
-    col_ok = cols < N
+    col_ok = cols < (N // 8) * 8  # see _epilogue_copies
     kps = ksteps // NSL
-    nxt = _epilogue_loads(prow0, 0, prow_end, cols, col_ok, aux_ptr, rw_ptr, s_auxm, HALF, EPILOGUE, HAS_RW, SUB,
-                          layout)
+    _epilogue_copies(staged, 0, prow0, prow_end, cols, col_ok, aux_ptr, rw_ptr, s_auxm, HALF, EPILOGUE, HAS_RW,
+                     SUB, layout)
     for r in gl.static_range(NSL):
         for kk in range(r * kps, (r + 1) * kps):
             acc, acc_up = _mma_step(a_bufs, b_bufs, u_bufs, ready, empty, g0, kk, acc, acc_up, EPILOGUE, B_KMAJOR,
                                     A_ROW, A_ROWS, MERGE)
-        cur = nxt
+        async_copy.wait_group(0)
+        # Every thread's copies of slice r have landed, and every thread is done reading slice r - 1's buffer,
+        # which the copies of slice r + 1 overwrite.
+        gl.thread_barrier()
+        cur = _epilogue_staged(staged, r, EPILOGUE, HAS_RW, SUB, layout)
         if r + 1 < NSL:
-            nxt = _epilogue_loads(prow0, r + 1, prow_end, cols, col_ok, aux_ptr, rw_ptr, s_auxm, HALF, EPILOGUE,
-                                  HAS_RW, SUB, layout)
+            _epilogue_copies(staged, r + 1, prow0, prow_end, cols, col_ok, aux_ptr, rw_ptr, s_auxm, HALF, EPILOGUE,
+                             HAS_RW, SUB, layout)
         _epilogue_slice(epi_smem, up_smem, r, cur, prow0, prow_end, cols, col_ok, ptn, HALF, c_ptr, h_ptr, drw_ptr,
                         s_cm, s_hm, s_drw, EPILOGUE, HAS_RW, SUB, layout, MERGE)
     for kk in range(NSL * kps, ksteps):
@@ -257,6 +268,46 @@ def _epilogue_loads(row0, r: gl.constexpr, row_end, cols, col_ok, aux_ptr, rw_pt
         up = gl.load(aux_ptrs + HALF, mask=mask, other=0.0)
     if HAS_RW:
         w = gl.load(rw_ptr + rows64, mask=row_ok, other=0.0)
+    return g, up, w
+
+
+@gluon.jit
+def _epilogue_copies(staged, r: gl.constexpr, row0, row_end, cols, col_ok, aux_ptr, rw_ptr, s_auxm, HALF,
+                     EPILOGUE: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr, layout: gl.constexpr):
+    """``_epilogue_loads`` of row slice r as ``cp.async`` copies into buffer r % 2 of ``staged`` (gate, up, row
+    weights), one commit group; masked elements are zero-filled."""
+    g_st, u_st, w_st = staged
+    # 16-byte copies: the host passes sizes and strides that are multiples of 8 elements (TMA needs as much, and
+    # ``ws_rows_mm`` checks), but the launcher only tells the compiler of multiples of 16, and ``gl.multiple_of``
+    # does not reach scalars: written as products of 8, the compiler sees it.
+    HALF = (HALF // 8) * 8
+    s_auxm = (s_auxm // 8) * 8
+    rows = row0 + r * SUB + gl.arange(0, SUB, layout=gl.SliceLayout(1, layout))
+    row_ok = rows < row_end
+    rows64 = rows.to(gl.int64)
+    if EPILOGUE == 2:
+        mask = row_ok[:, None] & col_ok[None, :]
+        aux_ptrs = aux_ptr + rows64[:, None] * s_auxm + cols[None, :]
+        async_copy.async_copy_global_to_shared(g_st.index(r % 2), aux_ptrs, mask=mask)
+        async_copy.async_copy_global_to_shared(u_st.index(r % 2), aux_ptrs + HALF, mask=mask)
+    if HAS_RW:
+        async_copy.async_copy_global_to_shared(w_st.index(r % 2), rw_ptr + rows64, mask=row_ok)
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _epilogue_staged(staged, r: gl.constexpr, EPILOGUE: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr,
+                     layout: gl.constexpr):
+    """Row slice r's values copied by ``_epilogue_copies``, as ``_epilogue_loads`` returns them."""
+    g_st, u_st, w_st = staged
+    g = gl.zeros([SUB, 1], gl.bfloat16, layout)
+    up = g
+    w = gl.zeros([SUB], gl.float32, gl.SliceLayout(1, layout))
+    if EPILOGUE == 2:
+        g = g_st.index(r % 2).load(layout)
+        up = u_st.index(r % 2).load(layout)
+    if HAS_RW:
+        w = w_st.index(r % 2).load(gl.SliceLayout(1, layout))
     return g, up, w
 
 
@@ -329,12 +380,13 @@ def _epilogue_slice(epi_smem, up_smem, r: gl.constexpr, loaded, row0, row_end, c
 def _epilogue(epi_smem, up_smem, row0, row_end, n0, tn, N, HALF,
               c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw,
               EPILOGUE: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr, num_warps: gl.constexpr,
-              MERGE: gl.constexpr):
+              MERGE: gl.constexpr, ready=None, phase=0):
     """Stores of one tile from its 16-bit copy in shared memory, SUB rows at a time.
 
     The global loads of row slice r + 1 are issued before slice r is computed and stored: while the other consumer
     streams its operands a round trip to memory takes microseconds, and loads issued only when their slice comes
-    up would cost one round trip per slice."""
+    up would cost one round trip per slice. ``ready``: a barrier that says the tile is in shared memory (waited for
+    at ``phase`` after the first slice's loads are issued)."""
     BM: gl.constexpr = epi_smem.type.shape[0]
     BN: gl.constexpr = _out_cols(epi_smem.type.shape[1], MERGE)
     layout: gl.constexpr = _epilogue_layout(BN, num_warps)
@@ -342,6 +394,8 @@ def _epilogue(epi_smem, up_smem, row0, row_end, n0, tn, N, HALF,
     col_ok = cols < N
     nxt = _epilogue_loads(row0, 0, row_end, cols, col_ok, aux_ptr, rw_ptr, s_auxm, HALF, EPILOGUE, HAS_RW, SUB,
                           layout)
+    if ready is not None:
+        mbarrier.wait(ready, phase)
     for r in gl.static_range(BM // SUB):
         cur = nxt
         if r + 1 < BM // SUB:
@@ -352,18 +406,49 @@ def _epilogue(epi_smem, up_smem, row0, row_end, n0, tn, N, HALF,
 
 
 @gluon.jit
-def _consumer(c_id, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_smem, table_ptr, MAX_T, NB_N, K, N,
-              HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
+def _epilogue_partition(epi_bufs, handoff, table_ptr, MAX_T, NB_N, N, HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr,
+                        s_cm, s_auxm, s_hm, s_drw, EPILOGUE: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr,
+                        EPI_WARPS: gl.constexpr, MERGE: gl.constexpr):
+    """``EPI_WARPS`` warps that run the epilogue of every tile of this program, whole tiles, while the consumers
+    multiply the next one: they wait for tile j in buffer j % NBUF of ``epi_bufs`` (both consumers' halves), and
+    free the buffer once it is stored."""
+    full, free = handoff
+    NBUF: gl.constexpr = epi_bufs.type.shape[0]
+    BN: gl.constexpr = _out_cols(epi_bufs.type.shape[2], MERGE)
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    total = gl.load(table_ptr + 3 * MAX_T) * NB_N
+    j = 0
+    for w in range(pid, total, nprog):
+        rt = w // NB_N
+        tn = w % NB_N
+        row0 = gl.load(table_ptr + MAX_T + rt)
+        row_end = gl.load(table_ptr + 2 * MAX_T + rt)
+        buf = epi_bufs.index(j % NBUF)
+        _epilogue(buf, buf, row0, row_end, tn * BN, tn, N, HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr,
+                  s_cm, s_auxm, s_hm, s_drw, EPILOGUE, HAS_RW, SUB, EPI_WARPS, MERGE, full.index(j % NBUF),
+                  (j // NBUF) & 1)
+        gl.thread_barrier()  # every warp is done reading the buffer
+        mbarrier.arrive(free.index(j % NBUF))
+        j += 1
+
+
+@gluon.jit
+def _consumer(c_id, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_smem, staged, handoff, table_ptr,
+              MAX_T, NB_N, K, N, HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
               EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr,
-              TIMING: gl.constexpr, COOP: gl.constexpr, INTERLEAVE: gl.constexpr, MERGE: gl.constexpr):
+              TIMING: gl.constexpr, COOP: gl.constexpr, INTERLEAVE: gl.constexpr, MERGE: gl.constexpr,
+              EPI_WARPS: gl.constexpr):
     """Ping-pong: tiles c_id, c_id + 2, ... of this program (four warps), MMAs in turn with the other consumer,
     then the epilogue while the other one multiplies. Cooperative (``COOP``): every tile of this program, rows
     c_id * BM .. (c_id + 1) * BM of it, both consumers at once; with ``INTERLEAVE`` each tile's epilogue runs in
-    slices between the next tile's k-steps (``_mainloop_interleaved``).
+    slices between the next tile's k-steps (``_mainloop_interleaved``); with ``EPI_WARPS`` the consumers only
+    multiply, and hand each tile to the epilogue partition (``_epilogue_partition``) through one of the two
+    buffers of ``epi_smem`` ([2, tile rows, columns]; ``handoff``: their full and free barriers).
     """
-    BM: gl.constexpr = epi_smem.type.shape[0]  # rows of a tile this consumer computes
+    BM: gl.constexpr = a_bufs.type.shape[1] // 2 if COOP else a_bufs.type.shape[1]  # rows this consumer computes
     BK: gl.constexpr = a_bufs.type.shape[2]
-    BN_ACC: gl.constexpr = epi_smem.type.shape[1]  # accumulator columns (gate and up with MERGE)
+    BN_ACC: gl.constexpr = epi_smem.type.shape[-1]  # accumulator columns (gate and up with MERGE)
     BN: gl.constexpr = _out_cols(BN_ACC, MERGE)  # output columns
     A_ROW: gl.constexpr = c_id * BM if COOP else 0
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -406,8 +491,8 @@ def _consumer(c_id, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_sm
             acc_up = gl.zeros([BM, BN], gl.float32, mma_layout)
         if INTERLEAVE:
             acc, acc_up = _mainloop_interleaved(a_bufs, b_bufs, u_bufs, ready, empty, j * ksteps, ksteps, acc, acc_up,
-                                                epi_smem, up_smem, prow0, prow_end, ptn, N, HALF, c_ptr, aux_ptr,
-                                                h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw,
+                                                epi_smem, up_smem, staged, prow0, prow_end, ptn, N, HALF, c_ptr,
+                                                aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw,
                                                 EPILOGUE, B_KMAJOR, A_ROW, BM, HAS_RW, SUB, MERGE)
             gl.thread_barrier()  # every warp is done with the previous tile's values in epi_smem
         else:
@@ -417,11 +502,19 @@ def _consumer(c_id, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_sm
             mbarrier.arrive(order.index(1 - c_id))
         if TIMING:
             t2 = _now(j)
-        epi_smem.store(acc.to(c_ptr.dtype.element_ty))
+        if EPI_WARPS:
+            full, free = handoff
+            NBUF: gl.constexpr = epi_smem.type.shape[0]
+            mbarrier.wait(free.index(j % NBUF), ((j // NBUF) & 1) ^ 1)
+            epi_smem.index(j % NBUF).slice(A_ROW, BM, dim=0).store(acc.to(c_ptr.dtype.element_ty))
+        else:
+            epi_smem.store(acc.to(c_ptr.dtype.element_ty))
         if EPILOGUE == 1 and not MERGE:
             up_smem.store(acc_up.to(c_ptr.dtype.element_ty))
         gl.thread_barrier()
-        if INTERLEAVE:
+        if EPI_WARPS:
+            mbarrier.arrive(full.index(j % NBUF))
+        elif INTERLEAVE:
             prow0 = row0
             prow_end = row_end
             ptn = tn
@@ -457,9 +550,12 @@ def _ws_rows_kernel(
     MAX_T, N, K, NB_N, HALF, N_ROWS, s_cm, s_auxm, s_hm, s_drw,
     STAGES: gl.constexpr, EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, HAS_RW: gl.constexpr,
     SUB: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, TIMING: gl.constexpr,
-    COOP: gl.constexpr, INTERLEAVE: gl.constexpr, MERGE: gl.constexpr,
+    COOP: gl.constexpr, INTERLEAVE: gl.constexpr, MERGE: gl.constexpr, EPI_WARPS: gl.constexpr,
+    EPI_REGS: gl.constexpr,
 ):
     gl.static_assert(not MERGE or EPILOGUE == 1, "MERGE applies to the SwiGLU epilogue only")
+    gl.static_assert(not EPI_WARPS or (COOP and not INTERLEAVE and (MERGE or EPILOGUE != 1)),
+                     "an epilogue partition serves cooperative, not interleaved tiles (SwiGLU: merged)")
     BM: gl.constexpr = a_desc.block_type.shape[0]
     BN: gl.constexpr = b_desc.block_type.shape[0] if B_KMAJOR else b_desc.block_type.shape[1]
     dtype: gl.constexpr = a_desc.dtype
@@ -487,7 +583,14 @@ def _ws_rows_kernel(
     # Rows of a tile each consumer computes.
     BMC: gl.constexpr = BM // 2 if COOP else BM
     epi_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BMC, BN], dtype)
-    if MERGE:
+    if EPI_WARPS:
+        # Whole tiles, which the consumers hand to the epilogue partition: two buffers, one for the merged SwiGLU's
+        # tiles of gate and up columns (enough where the epilogue of a tile is shorter than the MMAs of the next).
+        EPI_COLS: gl.constexpr = 2 * BN if MERGE else BN
+        epi0 = gl.allocate_shared_memory(dtype, [1 if MERGE else 2, BM, EPI_COLS],
+                                         gl.NVMMASharedLayout.get_default_for([BM, EPI_COLS], dtype))
+        epi1 = epi0
+    elif MERGE:
         merged_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BMC, 2 * BN], dtype)
         epi0 = gl.allocate_shared_memory(dtype, [BMC, 2 * BN], merged_layout)
         epi1 = gl.allocate_shared_memory(dtype, [BMC, 2 * BN], merged_layout)
@@ -500,29 +603,62 @@ def _ws_rows_kernel(
     else:
         up0 = epi0
         up1 = epi1
+    # Each consumer's two buffers of an interleaved epilogue slice's saved gate/up values and row weights
+    # (``_epilogue_copies``); a token size where that epilogue does not use them.
+    plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    SUB_BN: gl.constexpr = BN if (INTERLEAVE and EPILOGUE == 2) else 8
+    SUB_W: gl.constexpr = SUB if (INTERLEAVE and HAS_RW) else 8
+    st0 = (gl.allocate_shared_memory(dtype, [2, SUB, SUB_BN], plain),
+           gl.allocate_shared_memory(dtype, [2, SUB, SUB_BN], plain),
+           gl.allocate_shared_memory(gl.float32, [2, SUB_W], gl.SwizzledSharedLayout(1, 1, 1, [0])))
+    st1 = (gl.allocate_shared_memory(dtype, [2, SUB, SUB_BN], plain),
+           gl.allocate_shared_memory(dtype, [2, SUB, SUB_BN], plain),
+           gl.allocate_shared_memory(gl.float32, [2, SUB_W], gl.SwizzledSharedLayout(1, 1, 1, [0])))
+    handoff = (gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout()),
+               gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout()))
+    for i in gl.static_range(2):
+        mbarrier.init(handoff[0].index(i), count=2)  # full: both consumers have stored their rows
+        mbarrier.init(handoff[1].index(i), count=1)  # free: the epilogue partition is done with it
     fence_async_shared()
 
     # Partition arguments are written out, not built by adding tuples: constexprs inside a concatenated tuple reach
     # the partitions as run-time values.
-    gl.warp_specialize([
-        (_consumer, (0, a_bufs, b_bufs, u_bufs, ready, empty, order, epi0, up0, table_ptr, MAX_T, NB_N, K, N, HALF,
-                     c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
-                     EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING, COOP, INTERLEAVE, MERGE)),
-        (_consumer, (1, a_bufs, b_bufs, u_bufs, ready, empty, order, epi1, up1, table_ptr, MAX_T, NB_N, K, N, HALF,
-                     c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
-                     EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING, COOP, INTERLEAVE, MERGE)),
-        (_producer, (a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_ptr, MAX_T, NB_N, K, HALF, N_ROWS,
-                     EPILOGUE, B_KMAJOR, MERGE)),
-    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    if EPI_WARPS:
+        gl.warp_specialize([
+            (_consumer, (0, a_bufs, b_bufs, u_bufs, ready, empty, order, epi0, up0, st0, handoff, table_ptr, MAX_T,
+                         NB_N, K, N, HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
+                         EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING, COOP, INTERLEAVE, MERGE, EPI_WARPS)),
+            (_consumer, (1, a_bufs, b_bufs, u_bufs, ready, empty, order, epi1, up1, st1, handoff, table_ptr, MAX_T,
+                         NB_N, K, N, HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
+                         EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING, COOP, INTERLEAVE, MERGE, EPI_WARPS)),
+            (_epilogue_partition, (epi0, handoff, table_ptr, MAX_T, NB_N, N, HALF, c_ptr, aux_ptr, h_ptr, rw_ptr,
+                                   drw_ptr, s_cm, s_auxm, s_hm, s_drw, EPILOGUE, HAS_RW, SUB, EPI_WARPS, MERGE)),
+            (_producer, (a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_ptr, MAX_T, NB_N, K, HALF,
+                         N_ROWS, EPILOGUE, B_KMAJOR, MERGE)),
+        ], [4, EPI_WARPS, 1], [CONSUMER_REGS, EPI_REGS, PRODUCER_REGS])
+    else:
+        gl.warp_specialize([
+            (_consumer, (0, a_bufs, b_bufs, u_bufs, ready, empty, order, epi0, up0, st0, handoff, table_ptr, MAX_T,
+                         NB_N, K, N, HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
+                         EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING, COOP, INTERLEAVE, MERGE, EPI_WARPS)),
+            (_consumer, (1, a_bufs, b_bufs, u_bufs, ready, empty, order, epi1, up1, st1, handoff, table_ptr, MAX_T,
+                         NB_N, K, N, HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
+                         EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING, COOP, INTERLEAVE, MERGE, EPI_WARPS)),
+            (_producer, (a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_ptr, MAX_T, NB_N, K, HALF,
+                         N_ROWS, EPILOGUE, B_KMAJOR, MERGE)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 # ----------------------------------------------------------------------------------------------------------- launch
 def compile_only(arch: int = 90, *, epilogue: int = _PLAIN, b_kmajor: bool = False, has_rw: bool = False,
                  bm: int = 128, bn: int = 128, bk: int = 64, stages: int = 4, sub: int = 32,
                  consumer_regs: int = 232, producer_regs: int = 40, maxnreg: int = 168, timing: bool = False,
-                 coop: bool = False, interleave: bool = False, merge: bool = False):
+                 coop: bool = False, interleave: bool = False, merge: bool = False, sizes16: bool = True,
+                 epi_warps: int = 0, epi_regs: int = 152):
     """Compile the kernel for ``sm_<arch>`` without a GPU (CPU is fine) and return Triton's compiled kernel, whose
-    ``asm`` holds the TTGIR, PTX and cubin: tests check on the CPU that it is warp-specialised."""
+    ``asm`` holds the TTGIR, PTX and cubin: tests check on the CPU that it is warp-specialised. ``sizes16``: the
+    sizes and strides are multiples of 16, as the launcher specialises them for the benchmark's shapes; False: only
+    the pointers are (e.g. an expert FFN of 136)."""
     from triton.backends.compiler import GPUTarget  # noqa: PLC0415
     from triton.experimental.gluon._runtime import GluonASTSource  # noqa: PLC0415
     from triton.runtime.jit import mangle_type  # noqa: PLC0415
@@ -538,14 +674,24 @@ def compile_only(arch: int = 90, *, epilogue: int = _PLAIN, b_kmajor: bool = Fal
     constexprs = {"STAGES": stages, "EPILOGUE": epilogue, "B_KMAJOR": b_kmajor, "HAS_RW": has_rw, "SUB": sub,
                   "CONSUMER_REGS": consumer_regs, "PRODUCER_REGS": producer_regs, "TIMING": timing,
                   "COOP": bool(coop), "INTERLEAVE": bool(interleave and coop),
-                  "MERGE": bool(merge and epilogue == _SWIGLU)}
+                  "MERGE": bool(merge and epilogue == _SWIGLU), "EPI_WARPS": epi_warps, "EPI_REGS": epi_regs}
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     # As the launcher specialises them on a GPU: pointers and the sizes of the benchmark shapes are 16-divisible.
-    divisible = names[2:9] + ["N", "K", "HALF", "N_ROWS", "s_cm", "s_auxm", "s_hm"]
+    divisible = names[2:9] + (["N", "K", "HALF", "N_ROWS", "s_cm", "s_auxm", "s_hm"] if sizes16 else [])
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in divisible}
     src = GluonASTSource(_ws_rows_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "maxnreg": maxnreg})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": 4, "maxnreg": _launch_regs(maxnreg, epi_warps)})
 
+
+
+def _launch_regs(maxnreg: int | None, epi_warps: int) -> int | None:
+    """Registers per thread at launch: with an epilogue partition, what the register file holds for every warp
+    group (the producer's warp and the epilogue's fill whole ones), at most ``maxnreg``."""
+    if not epi_warps:
+        return maxnreg
+    threads = 32 * triton.cdiv(4 + 4 + epi_warps + 1, 4) * 4
+    return min(maxnreg or 255, 65536 // threads // 8 * 8)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -557,13 +703,17 @@ def ws_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, bm: int 
                row_weights: torch.Tensor | None = None, sub: int = 32, consumer_regs: int = 232,
                producer_regs: int = 40, maxnreg: int | None = 168, table: tuple[torch.Tensor, int] | None = None,
                num_programs: int | None = None, timing: torch.Tensor | None = None, coop: bool = False,
-               interleave: bool = False, merge: bool = False):
+               interleave: bool = False, merge: bool = False, epi_warps: int = 0, epi_regs: int = 152):
     """``triton_grouped.grouped_rows_mm`` on the warp-specialised kernel (same arguments and results); ``bn`` is
     per SwiGLU half for the SwiGLU epilogue. ``coop``: both consumers work on each ``bm`` x ``bn`` tile, ``bm / 2``
     rows each (CUTLASS's "cooperative" schedule), instead of taking alternate tiles ("ping-pong"). ``interleave``
     (cooperative only): each tile's epilogue runs in row slices of ``sub`` between the next tile's k-steps, so that
     it overlaps MMAs. ``merge`` (SwiGLU): each k-step's gate and up columns share one [bk, 2 x bn] stage and one MMA
-    per consumer (m64n256 instead of two m64n128, which each read the A tile from shared memory). ``timing``: an
+    per consumer (m64n256 instead of two m64n128, which each read the A tile from shared memory). ``epi_warps``
+    (cooperative, not interleaved): a partition of that many warps with ``epi_regs`` registers per thread runs the
+    epilogues of whole tiles, which the consumers hand over in shared memory (two buffers; one with ``merge``), while
+    the consumers multiply the next tile; the launch then gives fewer registers to each thread (``_launch_regs``),
+    so that the consumers' share, ``consumer_regs``, is set at run time. ``timing``: an
     int64 tensor of at least 256 + 4 x programs zeros, which receives %globaltimer readings: program 0's first 64
     tiles (4 each), then every program's start and end (2 per consumer)."""
     if row_weights is not None and epilogue == _PLAIN:
@@ -581,7 +731,11 @@ def ws_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, bm: int 
     half = n if epilogue == _SWIGLU else n_out
     c = a.new_empty(m, 2 * n if epilogue in (_SWIGLU, _SWIGLU_BWD) else n)
     h = a.new_empty(m, n) if epilogue == _SWIGLU else c
+    if n % 8 or k % 8:
+        raise ValueError(f"ws_rows_mm needs sizes that are multiples of 8 elements (16-byte rows), got k={k}, n={n}")
     aux = c if aux is None else aux.contiguous()
+    if aux.data_ptr() % 16:  # the SwiGLU backward copies it in 16-byte pieces
+        aux = aux.clone()
     has_rw = row_weights is not None
     rw = row_weights.float().contiguous() if has_rw else c
     nb_n = triton.cdiv(n, bn)
@@ -598,6 +752,7 @@ def ws_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, bm: int 
         if timing is not None and (timing.dtype != torch.int64 or timing.numel() < 256 + 4 * grid):
             raise ValueError(f"timing must be an int64 tensor of at least 256 + 4 x {grid} programs elements, "
                              f"got {timing.dtype} with {timing.numel()}")
+        maxnreg = _launch_regs(maxnreg, epi_warps)
         kwargs = {"maxnreg": maxnreg} if maxnreg else {}
         _ws_rows_kernel[(grid,)](
             a_desc, b_desc, c, aux, h, rw, drw, tab, c if timing is None else timing,
@@ -605,7 +760,7 @@ def ws_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, bm: int 
             STAGES=stages, EPILOGUE=epilogue, B_KMAJOR=b_kmajor, HAS_RW=has_rw, SUB=sub,
             CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, TIMING=timing is not None, COOP=bool(coop),
             INTERLEAVE=bool(interleave and coop), MERGE=bool(merge and epilogue == _SWIGLU),
-            num_warps=4,
+            EPI_WARPS=epi_warps, EPI_REGS=epi_regs, num_warps=4,
             **kwargs,
         )
     if epilogue == _SWIGLU:

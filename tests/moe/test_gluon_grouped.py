@@ -70,11 +70,52 @@ def test_kernel_compiles_warp_specialised_for_sm90(epilogue, b_kmajor, has_rw, b
     assert kernel.metadata.shared <= 227 * 1024
 
 
+@needs_gluon
+@pytest.mark.parametrize("op", ["dgrad2", "fwd2", "fwd1"])
+def test_epilogue_partition_compiles_without_spills(op):
+    """With ``epi_warps`` a fourth partition runs the epilogues while both consumers multiply: four partitions
+    (five warp groups' worth of registers shared out at run time), the tiles handed over in shared memory."""
+    import triton
+
+    from lightning_moe.moe import gluon_grouped as gg
+
+    kw = {"dgrad2": dict(epilogue=2, b_kmajor=True, has_rw=True, epi_warps=4, consumer_regs=160, stages=4),
+          "fwd2": dict(epilogue=0, epi_warps=8, consumer_regs=128, epi_regs=104, stages=4),
+          "fwd1": dict(epilogue=1, has_rw=True, merge=True, epi_warps=2, consumer_regs=232, epi_regs=40,
+                       stages=3)}[op]
+    kernel = gg.compile_only(90, coop=True, sub=16, **kw)
+    ptx = kernel.asm["ptx"]
+    assert kernel.metadata.num_warps == 4 * triton.cdiv(4 + 4 + kw["epi_warps"] + 1, 4)
+    assert kernel.asm["ttgir"].count("partition") >= 3 and "wgmma.mma_async" in ptx
+    assert f"setmaxnreg.inc.sync.aligned.u32 \t{kw['consumer_regs']}" in ptx
+    assert ".local" not in ptx and "mbarrier.try_wait" in ptx
+    assert kernel.metadata.shared <= 227 * 1024
+
+
+@needs_gluon
+@pytest.mark.parametrize("sizes16", [True, False])
+def test_interleaved_swiglu_backward_copies_saved_values_in_16_bytes(sizes16):
+    """The interleaved SwiGLU backward stages its saved gate/up values by 16-byte ``cp.async`` copies, also where
+    the launcher cannot tell the compiler that the sizes are multiples of 16 (an expert FFN of 136): copies of
+    fewer than 4 bytes would not compile at all."""
+    import re
+
+    from lightning_moe.moe import gluon_grouped as gg
+
+    kernel = gg.compile_only(90, epilogue=2, b_kmajor=True, has_rw=True, coop=True, interleave=True, sub=8,
+                             sizes16=sizes16)
+    sizes = re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*?, (0x[0-9a-f]+|\d+)", kernel.asm["ptx"])
+    assert sizes.count("0x10") >= 2 * 8  # gate and up, per row slice of the tile
+    assert set(sizes) <= {"0x10", "0x4"}  # and the fp32 row weights, one each
+    assert ".local" not in kernel.asm["ptx"]
+
+
 @hopper
 @needs_gluon
 @pytest.mark.parametrize("op", ["fwd1", "fwd2", "dgrad2", "dgrad1"])
 @pytest.mark.parametrize("row_weights", [False, True])
-@pytest.mark.parametrize("schedule", ["pingpong", "coop", "coop_interleaved", "coop_interleaved_merged"])
+@pytest.mark.parametrize("schedule", ["pingpong", "coop", "coop_interleaved", "coop_interleaved_merged",
+                                      "coop_epilogue_warps"])
 def test_gpu_matches_triton_rows(seed, op, row_weights, schedule):
     from lightning_moe.moe import gluon_grouped as gg
     from lightning_moe.moe import triton_grouped as tg
@@ -107,6 +148,10 @@ def test_gpu_matches_triton_rows(seed, op, row_weights, schedule):
         tile = {"bn": 128 if op in ("fwd1", "dgrad2") else 256, "stages": 4 if op == "dgrad2" else 3, "coop": True}
         if schedule.startswith("coop_interleaved"):
             tile.update(interleave=True, sub=8, merge=schedule.endswith("merged"))
+        if schedule.endswith("warps"):  # two 128 x 128 tiles in the hand-over buffers (fwd1: one 128 x 256)
+            tile.update(bn=128, stages=4, epi_warps=4, sub=16, consumer_regs=160, interleave=False)
+            if op == "fwd1":
+                tile.update(stages=3, merge=True, epi_warps=2, consumer_regs=232, epi_regs=40)
     else:
         tile = {"bn": 64 if op == "fwd1" else 128}
     out = gg.ws_rows_mm(x, b, offs, **tile, **kw)
