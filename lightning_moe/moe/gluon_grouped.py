@@ -443,8 +443,8 @@ def _consumer(c_id, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_sm
     then the epilogue while the other one multiplies. Cooperative (``COOP``): every tile of this program, rows
     c_id * BM .. (c_id + 1) * BM of it, both consumers at once; with ``INTERLEAVE`` each tile's epilogue runs in
     slices between the next tile's k-steps (``_mainloop_interleaved``); with ``EPI_WARPS`` the consumers only
-    multiply, and hand each tile to the epilogue partition (``_epilogue_partition``) through one of the two
-    buffers of ``epi_smem`` ([2, tile rows, columns]; ``handoff``: their full and free barriers).
+    multiply, and hand each tile to the epilogue partition (``_epilogue_partition``) through the buffers of
+    ``epi_smem`` ([buffers, tile rows, columns]; ``handoff``: their full and free barriers).
     """
     BM: gl.constexpr = a_bufs.type.shape[1] // 2 if COOP else a_bufs.type.shape[1]  # rows this consumer computes
     BK: gl.constexpr = a_bufs.type.shape[2]
@@ -621,8 +621,8 @@ def _ws_rows_kernel(
         mbarrier.init(handoff[1].index(i), count=1)  # free: the epilogue partition is done with it
     fence_async_shared()
 
-    # Partition arguments are written out, not built by adding tuples: constexprs inside a concatenated tuple reach
-    # the partitions as run-time values.
+    # Partition arguments are written out, in each call: constexprs inside a concatenated tuple reach the partitions
+    # as run-time values, and tuples or functions held in variables do not compile (so the two calls repeat them).
     if EPI_WARPS:
         gl.warp_specialize([
             (_consumer, (0, a_bufs, b_bufs, u_bufs, ready, empty, order, epi0, up0, st0, handoff, table_ptr, MAX_T,
