@@ -616,9 +616,10 @@ def _ws_rows_kernel(
            gl.allocate_shared_memory(gl.float32, [2, SUB_W], gl.SwizzledSharedLayout(1, 1, 1, [0])))
     handoff = (gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout()),
                gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout()))
-    for i in gl.static_range(2):
-        mbarrier.init(handoff[0].index(i), count=2)  # full: both consumers have stored their rows
-        mbarrier.init(handoff[1].index(i), count=1)  # free: the epilogue partition is done with it
+    if EPI_WARPS:
+        for i in gl.static_range(2):
+            mbarrier.init(handoff[0].index(i), count=2)  # full: both consumers have stored their rows
+            mbarrier.init(handoff[1].index(i), count=1)  # free: the epilogue partition is done with it
     fence_async_shared()
 
     # Partition arguments are written out, in each call: constexprs inside a concatenated tuple reach the partitions
@@ -731,6 +732,9 @@ def ws_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, bm: int 
     half = n if epilogue == _SWIGLU else n_out
     c = a.new_empty(m, 2 * n if epilogue in (_SWIGLU, _SWIGLU_BWD) else n)
     h = a.new_empty(m, n) if epilogue == _SWIGLU else c
+    if epi_warps and (epi_warps not in (2, 4, 8) or not coop or interleave):
+        raise ValueError(f"epi_warps={epi_warps}: an epilogue partition of 2, 4 or 8 warps serves cooperative tiles "
+                         f"that are not interleaved (coop=True, interleave=False)")
     if n % 8 or k % 8:
         raise ValueError(f"ws_rows_mm needs sizes that are multiples of 8 elements (16-byte rows), got k={k}, n={n}")
     aux = c if aux is None else aux.contiguous()

@@ -93,6 +93,17 @@ def test_epilogue_partition_compiles_without_spills(op):
 
 
 @needs_gluon
+@pytest.mark.parametrize("kw", [dict(epi_warps=4, coop=True, interleave=True), dict(epi_warps=4, coop=False),
+                                dict(epi_warps=3, coop=True)])
+def test_epilogue_partition_rejects_schedules_it_cannot_serve(kw):
+    from lightning_moe.moe import gluon_grouped as gg
+
+    a, b = torch.zeros(16, 64, dtype=torch.bfloat16), torch.zeros(2, 64, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="epilogue partition"):
+        gg.ws_rows_mm(a, b, torch.tensor([8, 16], dtype=torch.int32), **kw)
+
+
+@needs_gluon
 @pytest.mark.parametrize("sizes16", [True, False])
 def test_interleaved_swiglu_backward_copies_saved_values_in_16_bytes(sizes16):
     """The interleaved SwiGLU backward stages its saved gate/up values by 16-byte ``cp.async`` copies, also where
