@@ -145,52 +145,58 @@ def _producer(a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_ptr, M
 @gluon.jit
 def _mma_step(a_bufs, b_bufs, u_bufs, ready, empty, g0, kk, acc, acc_up,
               EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, A_ROW: gl.constexpr, A_ROWS: gl.constexpr,
-              MERGE: gl.constexpr):
+              MERGE: gl.constexpr, LIVE: gl.constexpr = True):
     """k-step kk of a tile whose first ring step is g0: wait for its stage, issue its MMAs (rows A_ROW ..
-    A_ROW + A_ROWS of the A tile), and release the previous step's stage once the MMAs reading it have completed."""
+    A_ROW + A_ROWS of the A tile), and release the previous step's stage once the MMAs reading it have completed.
+    Not ``LIVE`` (none of those rows belongs to the tile's expert): wait for the stage and release it, no MMAs."""
     S: gl.constexpr = a_bufs.type.shape[0]
     g = g0 + kk
     s = g % S
     mbarrier.wait(ready.index(s), (g // S) & 1)
-    a = a_bufs.index(s)
-    if A_ROWS != a_bufs.type.shape[1]:
-        a = a.slice(A_ROW, A_ROWS, dim=0)
-    if B_KMAJOR:
-        acc = warpgroup_mma(a, b_bufs.index(s).permute((1, 0)), acc, use_acc=kk > 0, is_async=True)
+    if not LIVE:
+        mbarrier.arrive(empty.index(s))
     else:
-        acc = warpgroup_mma(a, b_bufs.index(s), acc, use_acc=kk > 0, is_async=True)
-    if EPILOGUE == 1 and not MERGE:
-        acc_up = warpgroup_mma(a, u_bufs.index(s), acc_up, use_acc=kk > 0, is_async=True)
-        acc, acc_up = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc_up))
-    else:
-        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-    mbarrier.arrive(empty.index((g + S - 1) % S), pred=kk > 0)
+        a = a_bufs.index(s)
+        if A_ROWS != a_bufs.type.shape[1]:
+            a = a.slice(A_ROW, A_ROWS, dim=0)
+        if B_KMAJOR:
+            acc = warpgroup_mma(a, b_bufs.index(s).permute((1, 0)), acc, use_acc=kk > 0, is_async=True)
+        else:
+            acc = warpgroup_mma(a, b_bufs.index(s), acc, use_acc=kk > 0, is_async=True)
+        if EPILOGUE == 1 and not MERGE:
+            acc_up = warpgroup_mma(a, u_bufs.index(s), acc_up, use_acc=kk > 0, is_async=True)
+            acc, acc_up = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc_up))
+        else:
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        mbarrier.arrive(empty.index((g + S - 1) % S), pred=kk > 0)
     return acc, acc_up
 
 
 @gluon.jit
-def _mma_drain(empty, g0, ksteps, acc, acc_up, EPILOGUE: gl.constexpr, MERGE: gl.constexpr):
-    """Wait for a tile's last MMAs and release its last stage."""
+def _mma_drain(empty, g0, ksteps, acc, acc_up, EPILOGUE: gl.constexpr, MERGE: gl.constexpr,
+               LIVE: gl.constexpr = True):
+    """Wait for a tile's last MMAs and release its last stage (not ``LIVE``: ``_mma_step`` released every one)."""
     S: gl.constexpr = empty.type.shape[0]
-    if EPILOGUE == 1 and not MERGE:
-        acc, acc_up = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc_up))
-    else:
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-    mbarrier.arrive(empty.index((g0 + ksteps - 1) % S))
+    if LIVE:
+        if EPILOGUE == 1 and not MERGE:
+            acc, acc_up = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc_up))
+        else:
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(empty.index((g0 + ksteps - 1) % S))
     return acc, acc_up
 
 
 @gluon.jit
 def _mainloop(a_bufs, b_bufs, u_bufs, ready, empty, g0, ksteps, acc, acc_up,
               EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, A_ROW: gl.constexpr, A_ROWS: gl.constexpr,
-              MERGE: gl.constexpr):
+              MERGE: gl.constexpr, LIVE: gl.constexpr = True):
     """acc (and acc_up for SwiGLU without MERGE) = rows A_ROW .. A_ROW + A_ROWS of the tile's product over the
     stages of ring steps g0 .. g0 + ksteps - 1; each stage is released as soon as the MMAs reading it have
-    completed."""
+    completed (not ``LIVE``: as soon as it is loaded, acc unchanged)."""
     for kk in range(ksteps):
         acc, acc_up = _mma_step(a_bufs, b_bufs, u_bufs, ready, empty, g0, kk, acc, acc_up, EPILOGUE, B_KMAJOR,
-                                A_ROW, A_ROWS, MERGE)
-    return _mma_drain(empty, g0, ksteps, acc, acc_up, EPILOGUE, MERGE)
+                                A_ROW, A_ROWS, MERGE, LIVE)
+    return _mma_drain(empty, g0, ksteps, acc, acc_up, EPILOGUE, MERGE, LIVE)
 
 
 @gluon.jit
@@ -198,10 +204,12 @@ def _mainloop_interleaved(a_bufs, b_bufs, u_bufs, ready, empty, g0, ksteps, acc,
                           epi_smem, up_smem, staged, prow0, prow_end, ptn, N, HALF,
                           c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw,
                           EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, A_ROW: gl.constexpr,
-                          A_ROWS: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr, MERGE: gl.constexpr):
+                          A_ROWS: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr, MERGE: gl.constexpr,
+                          LIVE: gl.constexpr = True):
     """``_mainloop``, with the previous tile's epilogue (rows prow0 .. prow_end, column tile ptn, waiting in
     ``epi_smem``) run one row slice after every ksteps / slices k-steps, while the tensor cores work through the
     MMAs issued before it. A first tile passes prow_end = prow0: every store of its epilogue is masked off.
+    Not ``LIVE``: the k-steps only pass the stages on (``_mma_step``), the epilogue slices run all the same.
 
     A slice's saved gate/up values and row weights come by ``cp.async`` into ``staged`` (two buffers), issued one
     slice ahead: loads into registers would hold up the next k-step, whose ``wgmma`` fence waits for every load in
@@ -217,7 +225,7 @@ def _mainloop_interleaved(a_bufs, b_bufs, u_bufs, ready, empty, g0, ksteps, acc,
     for r in gl.static_range(NSL):
         for kk in range(r * kps, (r + 1) * kps):
             acc, acc_up = _mma_step(a_bufs, b_bufs, u_bufs, ready, empty, g0, kk, acc, acc_up, EPILOGUE, B_KMAJOR,
-                                    A_ROW, A_ROWS, MERGE)
+                                    A_ROW, A_ROWS, MERGE, LIVE)
         async_copy.wait_group(0)
         # Every thread's copies of slice r have landed, and every thread is done reading slice r - 1's buffer,
         # which the copies of slice r + 1 overwrite.
@@ -230,8 +238,8 @@ def _mainloop_interleaved(a_bufs, b_bufs, u_bufs, ready, empty, g0, ksteps, acc,
                         s_cm, s_hm, s_drw, EPILOGUE, HAS_RW, SUB, layout, MERGE)
     for kk in range(NSL * kps, ksteps):
         acc, acc_up = _mma_step(a_bufs, b_bufs, u_bufs, ready, empty, g0, kk, acc, acc_up, EPILOGUE, B_KMAJOR,
-                                A_ROW, A_ROWS, MERGE)
-    return _mma_drain(empty, g0, ksteps, acc, acc_up, EPILOGUE, MERGE)
+                                A_ROW, A_ROWS, MERGE, LIVE)
+    return _mma_drain(empty, g0, ksteps, acc, acc_up, EPILOGUE, MERGE, LIVE)
 
 
 @gluon.jit
@@ -406,18 +414,75 @@ def _epilogue(epi_smem, up_smem, row0, row_end, n0, tn, N, HALF,
 
 
 @gluon.jit
-def _epilogue_partition(epi_bufs, handoff, table_ptr, MAX_T, NB_N, N, HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr,
-                        s_cm, s_auxm, s_hm, s_drw, EPILOGUE: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr,
-                        EPI_WARPS: gl.constexpr, MERGE: gl.constexpr):
+def _aux_issue(g_desc, u_desc, aux_bufs, aux_ready, q, row, col, pred):
+    """TMA loads of the saved gate and up values of one epilogue row slice (rows row .., columns col ..) into
+    buffer q % stages of the ring ``aux_bufs`` ([2 x stages, SUB, BN]: gate and up of each), skipped where not
+    ``pred``."""
+    NA: gl.constexpr = aux_ready.type.shape[0]
+    s = q % NA
+    bar = aux_ready.index(s)
+    mbarrier.expect(bar, 2 * g_desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(g_desc, [row, col], bar, aux_bufs.index(2 * s), pred=pred)
+    tma.async_copy_global_to_shared(u_desc, [row, col], bar, aux_bufs.index(2 * s + 1), pred=pred)
+
+
+@gluon.jit
+def _epilogue_aux_tma(epi_smem, ready, phase, g_desc, u_desc, aux_bufs, aux_ready, j, row0, row_end, tn, row0_n,
+                      tn_n, live_n, N, HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw,
+                      HAS_RW: gl.constexpr, SUB: gl.constexpr, num_warps: gl.constexpr):
+    """``_epilogue`` of the SwiGLU backward for an epilogue partition, whose saved gate and up values come by TMA
+    through a ring of row slices, stages - 1 slices ahead of the one computed, across tiles (the next tile of this
+    program: rows from row0_n, column tile tn_n, if ``live_n``): loads into registers one slice ahead leave too few
+    bytes in flight to cover the memory's latency. Only the row weights are loaded into registers. This tile is
+    the j-th of the program; its slices are j x slices .. in the ring's order."""
+    BM: gl.constexpr = epi_smem.type.shape[0]
+    BN: gl.constexpr = epi_smem.type.shape[1]
+    NSL: gl.constexpr = BM // SUB
+    NA: gl.constexpr = aux_ready.type.shape[0]
+    LA: gl.constexpr = NA - 1
+    layout: gl.constexpr = _epilogue_layout(BN, num_warps)
+    cols = tn * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
+    col_ok = cols < N
+    nxt = _epilogue_loads(row0, 0, row_end, cols, col_ok, aux_ptr, rw_ptr, s_auxm, HALF, 0, HAS_RW, SUB, layout)
+    mbarrier.wait(ready, phase)
+    for r in gl.static_range(NSL):
+        q = j * NSL + r
+        cur = nxt
+        if r + 1 < NSL:
+            nxt = _epilogue_loads(row0, r + 1, row_end, cols, col_ok, aux_ptr, rw_ptr, s_auxm, HALF, 0, HAS_RW,
+                                  SUB, layout)
+        gl.thread_barrier()  # every warp is done reading slice q - 1's buffer, which slice q + LA reuses
+        if r + LA < NSL:
+            _aux_issue(g_desc, u_desc, aux_bufs, aux_ready, q + LA, row0 + (r + LA) * SUB, tn * BN, True)
+        else:
+            _aux_issue(g_desc, u_desc, aux_bufs, aux_ready, q + LA, row0_n + (r + LA - NSL) * SUB, tn_n * BN,
+                       live_n)
+        mbarrier.wait(aux_ready.index(q % NA), (q // NA) & 1)
+        g = aux_bufs.index(2 * (q % NA)).load(layout)
+        up = aux_bufs.index(2 * (q % NA) + 1).load(layout)
+        _epilogue_slice(epi_smem, epi_smem, r, (g, up, cur[2]), row0, row_end, cols, col_ok, tn, HALF, c_ptr, h_ptr,
+                        drw_ptr, s_cm, s_hm, s_drw, 2, HAS_RW, SUB, layout, False)
+
+
+@gluon.jit
+def _epilogue_partition(epi_bufs, handoff, g_desc, u_desc, aux_bufs, aux_ready, table_ptr, MAX_T, NB_N, N, HALF,
+                        c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, EPILOGUE: gl.constexpr,
+                        HAS_RW: gl.constexpr, SUB: gl.constexpr, EPI_WARPS: gl.constexpr, MERGE: gl.constexpr,
+                        AUX_STAGES: gl.constexpr):
     """``EPI_WARPS`` warps that run the epilogue of every tile of this program, whole tiles, while the consumers
     multiply the next one: they wait for tile j in buffer j % NBUF of ``epi_bufs`` (both consumers' halves), and
-    free the buffer once it is stored."""
+    free the buffer once it is stored. ``AUX_STAGES`` (SwiGLU backward): the saved gate and up values come by TMA
+    (``_epilogue_aux_tma``)."""
     full, free = handoff
     NBUF: gl.constexpr = epi_bufs.type.shape[0]
     BN: gl.constexpr = _out_cols(epi_bufs.type.shape[2], MERGE)
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
     total = gl.load(table_ptr + 3 * MAX_T) * NB_N
+    if AUX_STAGES:  # the first tile's first slices
+        row0_n = gl.load(table_ptr + MAX_T + gl.minimum(pid // NB_N, MAX_T - 1))
+        for r in gl.static_range(AUX_STAGES - 1):
+            _aux_issue(g_desc, u_desc, aux_bufs, aux_ready, r, row0_n + r * SUB, (pid % NB_N) * BN, pid < total)
     j = 0
     for w in range(pid, total, nprog):
         rt = w // NB_N
@@ -425,9 +490,16 @@ def _epilogue_partition(epi_bufs, handoff, table_ptr, MAX_T, NB_N, N, HALF, c_pt
         row0 = gl.load(table_ptr + MAX_T + rt)
         row_end = gl.load(table_ptr + 2 * MAX_T + rt)
         buf = epi_bufs.index(j % NBUF)
-        _epilogue(buf, buf, row0, row_end, tn * BN, tn, N, HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr,
-                  s_cm, s_auxm, s_hm, s_drw, EPILOGUE, HAS_RW, SUB, EPI_WARPS, MERGE, full.index(j % NBUF),
-                  (j // NBUF) & 1)
+        if AUX_STAGES:
+            w_n = w + nprog
+            row0_n = gl.load(table_ptr + MAX_T + gl.minimum(w_n // NB_N, MAX_T - 1))
+            _epilogue_aux_tma(buf, full.index(j % NBUF), (j // NBUF) & 1, g_desc, u_desc, aux_bufs, aux_ready, j,
+                              row0, row_end, tn, row0_n, w_n % NB_N, w_n < total, N, HALF, c_ptr, aux_ptr, h_ptr,
+                              rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, HAS_RW, SUB, EPI_WARPS)
+        else:
+            _epilogue(buf, buf, row0, row_end, tn * BN, tn, N, HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr,
+                      s_cm, s_auxm, s_hm, s_drw, EPILOGUE, HAS_RW, SUB, EPI_WARPS, MERGE, full.index(j % NBUF),
+                      (j // NBUF) & 1)
         gl.thread_barrier()  # every warp is done reading the buffer
         mbarrier.arrive(free.index(j % NBUF))
         j += 1
@@ -438,13 +510,14 @@ def _consumer(c_id, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_sm
               MAX_T, NB_N, K, N, HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
               EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, HAS_RW: gl.constexpr, SUB: gl.constexpr,
               TIMING: gl.constexpr, COOP: gl.constexpr, INTERLEAVE: gl.constexpr, MERGE: gl.constexpr,
-              EPI_WARPS: gl.constexpr):
+              EPI_WARPS: gl.constexpr, SKIP_IDLE: gl.constexpr):
     """Ping-pong: tiles c_id, c_id + 2, ... of this program (four warps), MMAs in turn with the other consumer,
     then the epilogue while the other one multiplies. Cooperative (``COOP``): every tile of this program, rows
     c_id * BM .. (c_id + 1) * BM of it, both consumers at once; with ``INTERLEAVE`` each tile's epilogue runs in
     slices between the next tile's k-steps (``_mainloop_interleaved``); with ``EPI_WARPS`` the consumers only
     multiply, and hand each tile to the epilogue partition (``_epilogue_partition``) through the buffers of
-    ``epi_smem`` ([buffers, tile rows, columns]; ``handoff``: their full and free barriers).
+    ``epi_smem`` ([buffers, tile rows, columns]; ``handoff``: their full and free barriers). ``SKIP_IDLE``
+    (cooperative): no MMAs for a tile whose rows of this consumer all belong to the next expert.
     """
     BM: gl.constexpr = a_bufs.type.shape[1] // 2 if COOP else a_bufs.type.shape[1]  # rows this consumer computes
     BK: gl.constexpr = a_bufs.type.shape[2]
@@ -489,15 +562,27 @@ def _consumer(c_id, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_sm
             acc_up = acc  # unused: the gate and up columns share acc
         else:
             acc_up = gl.zeros([BM, BN], gl.float32, mma_layout)
-        if INTERLEAVE:
+        # Cooperative: the last row tile of an expert is partly the next expert's rows, and where this consumer's
+        # half holds none of its own the other consumer multiplies alone (about half the MMAs wasted on such tiles).
+        if SKIP_IDLE and COOP and row0 >= row_end:
+            if INTERLEAVE:
+                acc, acc_up = _mainloop_interleaved(a_bufs, b_bufs, u_bufs, ready, empty, j * ksteps, ksteps, acc,
+                                                    acc_up, epi_smem, up_smem, staged, prow0, prow_end, ptn, N, HALF,
+                                                    c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw,
+                                                    EPILOGUE, B_KMAJOR, A_ROW, BM, HAS_RW, SUB, MERGE, False)
+            else:
+                acc, acc_up = _mainloop(a_bufs, b_bufs, u_bufs, ready, empty, j * ksteps, ksteps, acc, acc_up,
+                                        EPILOGUE, B_KMAJOR, A_ROW, BM, MERGE, False)
+        elif INTERLEAVE:
             acc, acc_up = _mainloop_interleaved(a_bufs, b_bufs, u_bufs, ready, empty, j * ksteps, ksteps, acc, acc_up,
                                                 epi_smem, up_smem, staged, prow0, prow_end, ptn, N, HALF, c_ptr,
                                                 aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw,
                                                 EPILOGUE, B_KMAJOR, A_ROW, BM, HAS_RW, SUB, MERGE)
-            gl.thread_barrier()  # every warp is done with the previous tile's values in epi_smem
         else:
             acc, acc_up = _mainloop(a_bufs, b_bufs, u_bufs, ready, empty, j * ksteps, ksteps, acc, acc_up,
                                     EPILOGUE, B_KMAJOR, A_ROW, BM, MERGE)
+        if INTERLEAVE:
+            gl.thread_barrier()  # every warp is done with the previous tile's values in epi_smem
         if not COOP:
             mbarrier.arrive(order.index(1 - c_id))
         if TIMING:
@@ -546,16 +631,18 @@ def _consumer(c_id, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_sm
 
 @gluon.jit
 def _ws_rows_kernel(
-    a_desc, b_desc, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, table_ptr, dbg_ptr,
+    a_desc, b_desc, g_desc, u_desc, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, table_ptr, dbg_ptr,
     MAX_T, N, K, NB_N, HALF, N_ROWS, s_cm, s_auxm, s_hm, s_drw,
     STAGES: gl.constexpr, EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, HAS_RW: gl.constexpr,
     SUB: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, TIMING: gl.constexpr,
     COOP: gl.constexpr, INTERLEAVE: gl.constexpr, MERGE: gl.constexpr, EPI_WARPS: gl.constexpr,
-    EPI_REGS: gl.constexpr,
+    EPI_REGS: gl.constexpr, SKIP_IDLE: gl.constexpr, AUX_STAGES: gl.constexpr,
 ):
     gl.static_assert(not MERGE or EPILOGUE == 1, "MERGE applies to the SwiGLU epilogue only")
     gl.static_assert(not EPI_WARPS or (COOP and not INTERLEAVE and (MERGE or EPILOGUE != 1)),
                      "an epilogue partition serves cooperative, not interleaved tiles (SwiGLU: merged)")
+    gl.static_assert(not AUX_STAGES or (EPI_WARPS and EPILOGUE == 2 and AUX_STAGES >= 2),
+                     "TMA loads of the saved values (2 or more stages) serve an epilogue partition's SwiGLU backward")
     BM: gl.constexpr = a_desc.block_type.shape[0]
     BN: gl.constexpr = b_desc.block_type.shape[0] if B_KMAJOR else b_desc.block_type.shape[1]
     dtype: gl.constexpr = a_desc.dtype
@@ -620,6 +707,14 @@ def _ws_rows_kernel(
         for i in gl.static_range(2):
             mbarrier.init(handoff[0].index(i), count=2)  # full: both consumers have stored their rows
             mbarrier.init(handoff[1].index(i), count=1)  # free: the epilogue partition is done with it
+    if AUX_STAGES:  # the epilogue partition's ring of saved gate and up values ([gate, up] per stage)
+        aux_bufs = gl.allocate_shared_memory(dtype, [2 * AUX_STAGES] + g_desc.block_type.shape, g_desc.layout)
+        aux_ready = gl.allocate_shared_memory(gl.int64, [AUX_STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(AUX_STAGES):
+            mbarrier.init(aux_ready.index(i), count=1)
+    else:  # not used
+        aux_bufs = a_bufs
+        aux_ready = ready
     fence_async_shared()
 
     # Partition arguments are written out, in each call: constexprs inside a concatenated tuple reach the partitions
@@ -628,12 +723,15 @@ def _ws_rows_kernel(
         gl.warp_specialize([
             (_consumer, (0, a_bufs, b_bufs, u_bufs, ready, empty, order, epi0, up0, st0, handoff, table_ptr, MAX_T,
                          NB_N, K, N, HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
-                         EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING, COOP, INTERLEAVE, MERGE, EPI_WARPS)),
+                         EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING, COOP, INTERLEAVE, MERGE, EPI_WARPS,
+                         SKIP_IDLE)),
             (_consumer, (1, a_bufs, b_bufs, u_bufs, ready, empty, order, epi1, up1, st1, handoff, table_ptr, MAX_T,
                          NB_N, K, N, HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
-                         EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING, COOP, INTERLEAVE, MERGE, EPI_WARPS)),
-            (_epilogue_partition, (epi0, handoff, table_ptr, MAX_T, NB_N, N, HALF, c_ptr, aux_ptr, h_ptr, rw_ptr,
-                                   drw_ptr, s_cm, s_auxm, s_hm, s_drw, EPILOGUE, HAS_RW, SUB, EPI_WARPS, MERGE)),
+                         EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING, COOP, INTERLEAVE, MERGE, EPI_WARPS,
+                         SKIP_IDLE)),
+            (_epilogue_partition, (epi0, handoff, g_desc, u_desc, aux_bufs, aux_ready, table_ptr, MAX_T, NB_N, N,
+                                   HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, EPILOGUE,
+                                   HAS_RW, SUB, EPI_WARPS, MERGE, AUX_STAGES)),
             (_producer, (a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_ptr, MAX_T, NB_N, K, HALF,
                          N_ROWS, EPILOGUE, B_KMAJOR, MERGE)),
         ], [4, EPI_WARPS, 1], [CONSUMER_REGS, EPI_REGS, PRODUCER_REGS])
@@ -641,10 +739,12 @@ def _ws_rows_kernel(
         gl.warp_specialize([
             (_consumer, (0, a_bufs, b_bufs, u_bufs, ready, empty, order, epi0, up0, st0, handoff, table_ptr, MAX_T,
                          NB_N, K, N, HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
-                         EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING, COOP, INTERLEAVE, MERGE, EPI_WARPS)),
+                         EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING, COOP, INTERLEAVE, MERGE, EPI_WARPS,
+                         SKIP_IDLE)),
             (_consumer, (1, a_bufs, b_bufs, u_bufs, ready, empty, order, epi1, up1, st1, handoff, table_ptr, MAX_T,
                          NB_N, K, N, HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
-                         EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING, COOP, INTERLEAVE, MERGE, EPI_WARPS)),
+                         EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING, COOP, INTERLEAVE, MERGE, EPI_WARPS,
+                         SKIP_IDLE)),
             (_producer, (a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_ptr, MAX_T, NB_N, K, HALF,
                          N_ROWS, EPILOGUE, B_KMAJOR, MERGE)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -655,7 +755,7 @@ def compile_only(arch: int = 90, *, epilogue: int = _PLAIN, b_kmajor: bool = Fal
                  bm: int = 128, bn: int = 128, bk: int = 64, stages: int = 4, sub: int = 32,
                  consumer_regs: int = 232, producer_regs: int = 40, maxnreg: int = 168, timing: bool = False,
                  coop: bool = False, interleave: bool = False, merge: bool = False, sizes16: bool = True,
-                 epi_warps: int = 0, epi_regs: int = 152):
+                 epi_warps: int = 0, epi_regs: int = 152, skip_idle: bool = True, aux_stages: int = 0):
     """Compile the kernel for ``sm_<arch>`` without a GPU (CPU is fine) and return Triton's compiled kernel, whose
     ``asm`` holds the TTGIR, PTX and cubin: tests check on the CPU that it is warp-specialised. ``sizes16``: the
     sizes and strides are multiples of 16, as the launcher specialises them for the benchmark's shapes; False: only
@@ -666,19 +766,21 @@ def compile_only(arch: int = 90, *, epilogue: int = _PLAIN, b_kmajor: bool = Fal
 
     probe = torch.empty(2 * max(bm, bn, bk), 2 * max(bm, bn, bk), dtype=torch.bfloat16)
     b_block = [bn, bk] if b_kmajor else [bk, bn]
+    aux_block = [sub, bn] if aux_stages else [bm, bk]
     descs = [TensorDescriptor.from_tensor(probe, block, gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16))
-             for block in ([bm, bk], b_block)]
-    names = ["a_desc", "b_desc", "c_ptr", "aux_ptr", "h_ptr", "rw_ptr", "drw_ptr", "table_ptr", "dbg_ptr",
-             "MAX_T", "N", "K", "NB_N", "HALF", "N_ROWS", "s_cm", "s_auxm", "s_hm", "s_drw"]
+             for block in ([bm, bk], b_block, aux_block, aux_block)]
+    names = ["a_desc", "b_desc", "g_desc", "u_desc", "c_ptr", "aux_ptr", "h_ptr", "rw_ptr", "drw_ptr", "table_ptr",
+             "dbg_ptr", "MAX_T", "N", "K", "NB_N", "HALF", "N_ROWS", "s_cm", "s_auxm", "s_hm", "s_drw"]
     types = [mangle_type(d) for d in descs] + ["*bf16", "*bf16", "*bf16", "*fp32", "*fp32", "*i32", "*i64"]
     signature = dict(zip(names, types + ["i32"] * 10, strict=True))
     constexprs = {"STAGES": stages, "EPILOGUE": epilogue, "B_KMAJOR": b_kmajor, "HAS_RW": has_rw, "SUB": sub,
                   "CONSUMER_REGS": consumer_regs, "PRODUCER_REGS": producer_regs, "TIMING": timing,
                   "COOP": bool(coop), "INTERLEAVE": bool(interleave and coop),
-                  "MERGE": bool(merge and epilogue == _SWIGLU), "EPI_WARPS": epi_warps, "EPI_REGS": epi_regs}
+                  "MERGE": bool(merge and epilogue == _SWIGLU), "EPI_WARPS": epi_warps, "EPI_REGS": epi_regs,
+                  "SKIP_IDLE": bool(skip_idle), "AUX_STAGES": aux_stages}
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     # As the launcher specialises them on a GPU: pointers and the sizes of the benchmark shapes are 16-divisible.
-    divisible = names[2:9] + (["N", "K", "HALF", "N_ROWS", "s_cm", "s_auxm", "s_hm"] if sizes16 else [])
+    divisible = names[4:11] + (["N", "K", "HALF", "N_ROWS", "s_cm", "s_auxm", "s_hm"] if sizes16 else [])
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in divisible}
     src = GluonASTSource(_ws_rows_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
@@ -704,7 +806,8 @@ def ws_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, bm: int 
                row_weights: torch.Tensor | None = None, sub: int = 32, consumer_regs: int = 232,
                producer_regs: int = 40, maxnreg: int | None = 168, table: tuple[torch.Tensor, int] | None = None,
                num_programs: int | None = None, timing: torch.Tensor | None = None, coop: bool = False,
-               interleave: bool = False, merge: bool = False, epi_warps: int = 0, epi_regs: int = 152):
+               interleave: bool = False, merge: bool = False, epi_warps: int = 0, epi_regs: int = 152,
+               skip_idle: bool = True, aux_stages: int = 0):
     """``triton_grouped.grouped_rows_mm`` on the warp-specialised kernel (same arguments and results); ``bn`` is
     per SwiGLU half for the SwiGLU epilogue. ``coop``: both consumers work on each ``bm`` x ``bn`` tile, ``bm / 2``
     rows each (CUTLASS's "cooperative" schedule), instead of taking alternate tiles ("ping-pong"). ``interleave``
@@ -714,7 +817,10 @@ def ws_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, bm: int 
     (cooperative, not interleaved): a partition of that many warps with ``epi_regs`` registers per thread runs the
     epilogues of whole tiles, which the consumers hand over in shared memory (two buffers; one with ``merge``), while
     the consumers multiply the next tile; the launch then gives fewer registers to each thread (``_launch_regs``),
-    so that the consumers' share, ``consumer_regs``, is set at run time. ``timing``: an
+    so that the consumers' share, ``consumer_regs``, is set at run time. ``skip_idle`` (cooperative): a consumer
+    whose half of a row tile holds only the next expert's rows runs no MMAs for it. ``aux_stages`` (SwiGLU
+    backward with ``epi_warps``): the epilogue partition loads the saved gate and up values by TMA through a ring of
+    that many ``sub``-row slices (``aux_stages - 1`` slices in flight while one is computed). ``timing``: an
     int64 tensor of at least 256 + 4 x programs zeros, which receives %globaltimer readings: program 0's first 64
     tiles (4 each), then every program's start and end (2 per consumer)."""
     if row_weights is not None and epilogue == _PLAIN:
@@ -735,6 +841,9 @@ def ws_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, bm: int 
     if epi_warps and (epi_warps not in (2, 4, 8) or not coop or interleave):
         raise ValueError(f"epi_warps={epi_warps}: an epilogue partition of 2, 4 or 8 warps serves cooperative tiles "
                          f"that are not interleaved (coop=True, interleave=False)")
+    if aux_stages and (epilogue != _SWIGLU_BWD or not epi_warps or not 2 <= aux_stages <= bm // sub + 1):
+        raise ValueError(f"aux_stages={aux_stages}: TMA loads of the saved gate and up values serve the SwiGLU "
+                         f"backward with an epilogue partition (epi_warps), 2 to bm / sub + 1 stages")
     if n % 8 or k % 8:
         raise ValueError(f"ws_rows_mm needs sizes that are multiples of 8 elements (16-byte rows), got k={k}, n={n}")
     aux = c if aux is None else aux.contiguous()
@@ -751,6 +860,11 @@ def ws_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, bm: int 
         a_desc = TensorDescriptor.from_tensor(a, [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk], gdt))
         b_block = [bn, bk] if b_kmajor else [bk, bn]
         b_desc = TensorDescriptor.from_tensor(storage, b_block, gl.NVMMASharedLayout.get_default_for(b_block, gdt))
+        g_desc = u_desc = a_desc  # not used
+        if aux_stages:  # the gate and up halves as two [m, n] views: columns past n read as zeros
+            aux_layout = gl.NVMMASharedLayout.get_default_for([sub, bn], gdt)
+            g_desc, u_desc = (TensorDescriptor.from_tensor(aux[:, i:i + n], [sub, bn], aux_layout)
+                              for i in (0, half))
         tab, max_t = table if table is not None else tile_table(offs, m, bm)
         grid = num_programs or _num_sms(a.device)
         if timing is not None and (timing.dtype != torch.int64 or timing.numel() < 256 + 4 * grid):
@@ -759,12 +873,13 @@ def ws_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, bm: int 
         maxnreg = _launch_regs(maxnreg, epi_warps)
         kwargs = {"maxnreg": maxnreg} if maxnreg else {}
         _ws_rows_kernel[(grid,)](
-            a_desc, b_desc, c, aux, h, rw, drw, tab, c if timing is None else timing,
+            a_desc, b_desc, g_desc, u_desc, c, aux, h, rw, drw, tab, c if timing is None else timing,
             max_t, n, k, nb_n, half, n_out, c.stride(0), aux.stride(0), h.stride(0), drw.stride(0),
             STAGES=stages, EPILOGUE=epilogue, B_KMAJOR=b_kmajor, HAS_RW=has_rw, SUB=sub,
             CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, TIMING=timing is not None, COOP=bool(coop),
             INTERLEAVE=bool(interleave and coop), MERGE=bool(merge and epilogue == _SWIGLU),
-            EPI_WARPS=epi_warps, EPI_REGS=epi_regs, num_warps=4,
+            EPI_WARPS=epi_warps, EPI_REGS=epi_regs, SKIP_IDLE=bool(skip_idle), AUX_STAGES=aux_stages,
+            num_warps=4,
             **kwargs,
         )
     if epilogue == _SWIGLU:

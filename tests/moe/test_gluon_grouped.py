@@ -71,7 +71,7 @@ def test_kernel_compiles_warp_specialised_for_sm90(epilogue, b_kmajor, has_rw, b
 
 
 @needs_gluon
-@pytest.mark.parametrize("op", ["dgrad2", "fwd2", "fwd1"])
+@pytest.mark.parametrize("op", ["dgrad2", "dgrad2_tma", "fwd2", "fwd1"])
 def test_epilogue_partition_compiles_without_spills(op):
     """With ``epi_warps`` a fourth partition runs the epilogues while both consumers multiply: four partitions
     (five warp groups' worth of registers shared out at run time), the tiles handed over in shared memory."""
@@ -80,6 +80,8 @@ def test_epilogue_partition_compiles_without_spills(op):
     from lightning_moe.moe import gluon_grouped as gg
 
     kw = {"dgrad2": dict(epilogue=2, b_kmajor=True, has_rw=True, epi_warps=4, consumer_regs=160, stages=4),
+          "dgrad2_tma": dict(epilogue=2, b_kmajor=True, has_rw=True, epi_warps=4, consumer_regs=160, stages=4,
+                             aux_stages=4),
           "fwd2": dict(epilogue=0, epi_warps=8, consumer_regs=128, epi_regs=104, stages=4),
           "fwd1": dict(epilogue=1, has_rw=True, merge=True, epi_warps=2, consumer_regs=232, epi_regs=40,
                        stages=3)}[op]
@@ -90,6 +92,22 @@ def test_epilogue_partition_compiles_without_spills(op):
     assert f"setmaxnreg.inc.sync.aligned.u32 \t{kw['consumer_regs']}" in ptx
     assert ".local" not in ptx and "mbarrier.try_wait" in ptx
     assert kernel.metadata.shared <= 227 * 1024
+    if op == "dgrad2_tma":  # TMA loads of the gate and up slices: 3 before the tile loop, then one per slice
+        plain = gg.compile_only(90, coop=True, sub=16, **{**kw, "aux_stages": 0}).asm["ptx"]
+        tma = "cp.async.bulk.tensor.2d.shared::cluster.global"
+        assert ptx.count(tma) == plain.count(tma) + 2 * (3 + 128 // 16)
+
+
+@needs_gluon
+@pytest.mark.parametrize("kw", [dict(aux_stages=3, epi_warps=4, coop=True),
+                                dict(aux_stages=3, epilogue=2, coop=True),
+                                dict(aux_stages=12, epilogue=2, epi_warps=4, coop=True, sub=16)])
+def test_saved_value_ring_rejects_what_it_cannot_serve(kw):
+    from lightning_moe.moe import gluon_grouped as gg
+
+    a, b = torch.zeros(16, 64, dtype=torch.bfloat16), torch.zeros(2, 64, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="aux_stages"):
+        gg.ws_rows_mm(a, b, torch.tensor([8, 16], dtype=torch.int32), **kw)
 
 
 @needs_gluon
@@ -126,7 +144,7 @@ def test_interleaved_swiglu_backward_copies_saved_values_in_16_bytes(sizes16):
 @pytest.mark.parametrize("op", ["fwd1", "fwd2", "dgrad2", "dgrad1"])
 @pytest.mark.parametrize("row_weights", [False, True])
 @pytest.mark.parametrize("schedule", ["pingpong", "coop", "coop_interleaved", "coop_interleaved_merged",
-                                      "coop_epilogue_warps"])
+                                      "coop_epilogue_warps", "coop_epilogue_warps_tma"])
 def test_gpu_matches_triton_rows(seed, op, row_weights, schedule):
     from lightning_moe.moe import gluon_grouped as gg
     from lightning_moe.moe import triton_grouped as tg
@@ -135,14 +153,19 @@ def test_gpu_matches_triton_rows(seed, op, row_weights, schedule):
         pytest.skip("row weights apply to the SwiGLU epilogues only")
     if schedule.endswith("merged") and op != "fwd1":
         pytest.skip("merge applies to the SwiGLU GEMM only")
+    if schedule.endswith("tma") and op != "dgrad2":
+        pytest.skip("TMA loads of saved values apply to the SwiGLU backward only")
     g = torch.Generator(device="cuda").manual_seed(seed)
     # k-steps of 64: fwd1, dgrad2 17 (2 per epilogue slice, one left), dgrad1 10, fwd2 5 (fewer than the 8 slices)
     experts, dim, hidden = 8, 1088, 320
     probs = torch.rand(experts, device="cuda", generator=g) ** 3
     probs[3] = 0  # an expert with no rows
-    routed = torch.multinomial(probs, 2100, replacement=True, generator=g).sort().values
-    offs = torch.cumsum(torch.bincount(routed, minlength=experts), 0, dtype=torch.int32)
-    n = routed.numel()
+    counts = torch.bincount(torch.multinomial(probs, 2100, replacement=True, generator=g), minlength=experts)
+    # Last row tiles whose second half holds only the next expert's rows (the cooperative consumer that owns it
+    # skips its MMAs), exactly half a tile, and one row more than that.
+    counts[5], counts[6], counts[7] = 128 + 40, 64, 65
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    n = int(counts.sum())
 
     def rnd(*shape):
         return torch.randn(*shape, device="cuda", generator=g).to(torch.bfloat16)
@@ -159,10 +182,12 @@ def test_gpu_matches_triton_rows(seed, op, row_weights, schedule):
         tile = {"bn": 128 if op in ("fwd1", "dgrad2") else 256, "stages": 4 if op == "dgrad2" else 3, "coop": True}
         if schedule.startswith("coop_interleaved"):
             tile.update(interleave=True, sub=8, merge=schedule.endswith("merged"))
-        if schedule.endswith("warps"):  # two 128 x 128 tiles in the hand-over buffers (fwd1: one 128 x 256)
+        if "warps" in schedule:  # two 128 x 128 tiles in the hand-over buffers (fwd1: one 128 x 256)
             tile.update(bn=128, stages=4, epi_warps=4, sub=16, consumer_regs=160, interleave=False)
             if op == "fwd1":
                 tile.update(stages=3, merge=True, epi_warps=2, consumer_regs=232, epi_regs=40)
+            if schedule.endswith("tma"):  # 8 slices a tile, 3 in flight: the ring crosses into the next tiles
+                tile.update(aux_stages=4)
     else:
         tile = {"bn": 64 if op == "fwd1" else 128}
     out = gg.ws_rows_mm(x, b, offs, **tile, **kw)
