@@ -643,9 +643,11 @@ def _ws_rows_kernel(
     gl.static_assert(not MERGE or EPILOGUE == 1, "MERGE applies to the SwiGLU epilogue only")
     gl.static_assert(not EPI_WARPS or (COOP and not INTERLEAVE and (MERGE or EPILOGUE != 1)),
                      "an epilogue partition serves cooperative, not interleaved tiles (SwiGLU: merged)")
-    gl.static_assert(not AUX_STAGES or (EPI_WARPS and EPILOGUE == 2 and AUX_STAGES >= 2),
-                     "TMA loads of the saved values (2 or more stages) serve an epilogue partition's SwiGLU backward")
     BM: gl.constexpr = a_desc.block_type.shape[0]
+    gl.static_assert(not AUX_STAGES or (EPI_WARPS and EPILOGUE == 2 and AUX_STAGES >= 2
+                                        and AUX_STAGES <= BM // SUB + 1),
+                     "TMA loads of the saved values (2 to BM / SUB + 1 stages) serve an epilogue partition's SwiGLU "
+                     "backward")
     BN: gl.constexpr = b_desc.block_type.shape[0] if B_KMAJOR else b_desc.block_type.shape[1]
     dtype: gl.constexpr = a_desc.dtype
     BK: gl.constexpr = a_desc.block_type.shape[1]
