@@ -76,8 +76,11 @@ def _worker(rank: int, world_size: int, seed: int, sizes: dict) -> None:
         update_expert_biases(ref, torch.stack([m.router.tokens_per_expert for _, m in ref.moe_layers()]))
         load, _ = collect_expert_load(model, dp_group)
         update_expert_biases(model, load)
+    # Weights after the last step: each step moves a weight by up to lr = 1e-2, and the reduction-order differences
+    # Adam amplifies (above) reached 1.35e-4 in one of 1024 weights under some seeds; an error in the sharding
+    # moves weights by a step's order.
     for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(_full(p.detach()), p_ref.detach(), rtol=1e-3, atol=1e-4,
+        torch.testing.assert_close(_full(p.detach()), p_ref.detach(), rtol=1e-3, atol=5e-4,
                                    msg=lambda m, name=name: f"param {name}: {m}")
     for (_, m), (_, m_ref) in zip(model.moe_layers(), ref.moe_layers()):
         assert torch.any(m_ref.router.expert_bias != 0)
