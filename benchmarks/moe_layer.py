@@ -13,6 +13,12 @@ Every step starts with the gradients set to None, as after ``optimizer.zero_grad
 "grads accumulated" skip that, so each backward also adds into the previous step's ``.grad``.
 On the GPU each row also shows the median SM clock and power draw while it was timed (``gpu_clocks.py``): at the
 power limit the clock drops, so rows run at different clocks can differ by more than their code.
+
+``--paired N`` then times the dense MLP and each layer row (eager and compiled; not ``loop``) again, alternating,
+for N rounds of ``--iters`` calls each, and reports the median of the per-round ratios: the rows above run one
+after another for a minute or more each, the dense MLP first, so drift in the GPU's state (temperature, and with it
+the clock at the power limit) lands on one row and not the other; alternating puts both under the same conditions
+in every round.
 """
 
 from __future__ import annotations
@@ -90,6 +96,40 @@ def timeit(fn, warmup: int, iters: int, device: torch.device, repeats: int = 5) 
         print(f"    host time to issue one call: {statistics.median(host):.2f} ms", flush=True)
     return statistics.median(times)
 
+
+def paired_rounds(fns: dict, rounds: int, iters: int, device: torch.device) -> tuple[list[dict], str]:
+    """Alternate the timed calls of ``fns`` (name -> step; the first is the baseline) for ``rounds`` rounds.
+
+    Returns one dict per round (name -> ms, and name + " clock" on the GPU) and a markdown table: per-round times
+    and each row's median ratio against the baseline (the median of the per-round ratios, so a round where the whole
+    GPU ran slower moves both sides). Each round runs each step once untimed first, so switching rows does not
+    count the first call after the other row's (its caches and allocator state).
+    """
+    if rounds < 1 or len(fns) < 2:
+        raise ValueError(f"paired timing needs at least one round and two rows, got {rounds} and {list(fns)}")
+    names = list(fns)
+    results = []
+    for _ in range(rounds):
+        result = {}
+        for name in names:
+            result[name] = timeit(fns[name], 1, iters, device, repeats=1)
+            result[name + " clock"] = CLOCKS.pop() if CLOCKS else ""
+        results.append(result)
+    base = names[0]
+    lines = [f"Paired rounds ({rounds} x {iters} calls per row, rows alternating): median ratio of "
+             f"{base} time to the row's time over the rounds.", "",
+             "| row | median (ms) | min-max (ms) | throughput vs " + base + " (median of rounds) | min-max ratio |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for name in names:
+        times = [r[name] for r in results]
+        ratios = [r[base] / r[name] for r in results]
+        lines.append(f"| {name} | {statistics.median(times):.2f} | {min(times):.2f}-{max(times):.2f} | "
+                     f"{statistics.median(ratios):.1%} | {min(ratios):.1%}-{max(ratios):.1%} |")
+    if any(r[n + " clock"] for r in results for n in names):
+        lines += ["", "| round | " + " | ".join(names) + " |", "| ---: |" + " --- |" * len(names)]
+        for i, r in enumerate(results):
+            lines.append(f"| {i} | " + " | ".join(f"{r[n]:.2f} ms, {r[n + ' clock']}" for n in names) + " |")
+    return results, "\n".join(lines)
 
 
 def profile_layer(name: str, step, folder: Path, steps: int = 3) -> None:
@@ -226,6 +266,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20, help="back-to-back calls per timed repeat (5 repeats)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd layers")
+    p.add_argument("--paired", type=int, default=0, metavar="N",
+                   help="then time the dense MLP and each layer alternately for N rounds (module docstring)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode of every compiled row, e.g. "
                    "max-autotune-no-cudagraphs (Inductor's GEMM templates, with prologue/epilogue fusion)")
     p.add_argument("--out", default=None, help="markdown file for the table (default: docs/ on GPU runs)")
@@ -276,6 +318,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         fn(x).backward(grad)
 
     record("dense_mlp", timeit(dense, args.warmup, args.iters, device))
+    paired = {"dense_mlp": dense}
     record("dense_mlp, grads accumulated", timeit(lambda: dense(accumulate=True), args.warmup, args.iters, device),
            "no zero_grad between steps")
     if args.compile:
@@ -331,6 +374,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             layer(xl).backward(grad.view(1, t, d))
 
         record(f"moe_layer[{name}]", timeit(run_layer, args.warmup, iters, device))
+        if name != "loop":
+            paired[f"moe_layer[{name}]"] = run_layer
         if args.compile and name != "loop":
             compiled = torch.compile(layer, mode=args.compile_mode)
 
@@ -340,6 +385,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 compiled(xl).backward(grad.view(1, t, d))
 
             record(f"moe_layer[{name}]+compile", timeit(run_compiled, args.warmup, iters, device))
+            paired[f"moe_layer[{name}]+compile"] = run_compiled
             record(f"moe_layer[{name}]+compile, grads accumulated",
                    timeit(lambda f=run_compiled: f(accumulate=True), args.warmup, iters, device),
                    "no zero_grad between steps")
@@ -365,6 +411,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             lines.append(f"| {r['name']} | {r['ms']:.2f} | {r['tflops']:.1f} | {ratio:.1%} | {r['clocks']} | "
                          f"{r['note']} |")
     table = "\n".join(lines)
+    if args.paired and len(paired) > 1:
+        print(f"paired rounds: {list(paired)}", flush=True)
+        _, paired_table = paired_rounds(paired, args.paired, args.iters, device)
+        table += "\n\n" + paired_table
     print("\n" + table)
     out = args.out or ("docs/moe_layer_benchmark.md" if device.type == "cuda" else None)
     if out:

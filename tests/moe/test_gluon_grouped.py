@@ -71,7 +71,7 @@ def test_kernel_compiles_warp_specialised_for_sm90(epilogue, b_kmajor, has_rw, b
 
 
 @needs_gluon
-@pytest.mark.parametrize("op", ["dgrad2", "dgrad2_tma", "fwd2", "fwd1"])
+@pytest.mark.parametrize("op", ["dgrad2", "dgrad2_tma", "dgrad2_tma_sub8", "fwd2", "fwd1"])
 def test_epilogue_partition_compiles_without_spills(op):
     """With ``epi_warps`` a fourth partition runs the epilogues while both consumers multiply: four partitions
     (five warp groups' worth of registers shared out at run time), the tiles handed over in shared memory."""
@@ -82,20 +82,23 @@ def test_epilogue_partition_compiles_without_spills(op):
     kw = {"dgrad2": dict(epilogue=2, b_kmajor=True, has_rw=True, epi_warps=4, consumer_regs=160, stages=4),
           "dgrad2_tma": dict(epilogue=2, b_kmajor=True, has_rw=True, epi_warps=4, consumer_regs=160, stages=4,
                              aux_stages=4),
+          "dgrad2_tma_sub8": dict(epilogue=2, b_kmajor=True, has_rw=True, epi_warps=4, consumer_regs=160, stages=4,
+                                  aux_stages=5, sub=8),
           "fwd2": dict(epilogue=0, epi_warps=8, consumer_regs=128, epi_regs=104, stages=4),
           "fwd1": dict(epilogue=1, has_rw=True, merge=True, epi_warps=2, consumer_regs=232, epi_regs=40,
                        stages=3)}[op]
-    kernel = gg.compile_only(90, coop=True, sub=16, **kw)
+    kw = {"sub": 16, **kw}
+    kernel = gg.compile_only(90, coop=True, **kw)
     ptx = kernel.asm["ptx"]
     assert kernel.metadata.num_warps == 4 * triton.cdiv(4 + 4 + kw["epi_warps"] + 1, 4)
     assert kernel.asm["ttgir"].count("partition") >= 3 and "wgmma.mma_async" in ptx
     assert f"setmaxnreg.inc.sync.aligned.u32 \t{kw['consumer_regs']}" in ptx
     assert ".local" not in ptx and "mbarrier.try_wait" in ptx
     assert kernel.metadata.shared <= 227 * 1024
-    if op == "dgrad2_tma":  # TMA loads of the gate and up slices: 3 before the tile loop, then one per slice
-        plain = gg.compile_only(90, coop=True, sub=16, **{**kw, "aux_stages": 0}).asm["ptx"]
+    if "tma" in op:  # TMA loads of the gate and up slices: aux_stages - 1 before the tile loop, then one per slice
+        plain = gg.compile_only(90, coop=True, **{**kw, "aux_stages": 0}).asm["ptx"]
         tma = "cp.async.bulk.tensor.2d.shared::cluster.global"
-        assert ptx.count(tma) == plain.count(tma) + 2 * (3 + 128 // 16)
+        assert ptx.count(tma) == plain.count(tma) + 2 * (kw["aux_stages"] - 1 + 128 // kw["sub"])
 
 
 @needs_gluon
@@ -144,7 +147,8 @@ def test_interleaved_swiglu_backward_copies_saved_values_in_16_bytes(sizes16):
 @pytest.mark.parametrize("op", ["fwd1", "fwd2", "dgrad2", "dgrad1"])
 @pytest.mark.parametrize("row_weights", [False, True])
 @pytest.mark.parametrize("schedule", ["pingpong", "coop", "coop_interleaved", "coop_interleaved_merged",
-                                      "coop_epilogue_warps", "coop_epilogue_warps_tma"])
+                                      "coop_epilogue_warps", "coop_epilogue_warps_tma",
+                                      "coop_epilogue_warps_tma_sub8"])
 def test_gpu_matches_triton_rows(seed, op, row_weights, schedule):
     from lightning_moe.moe import gluon_grouped as gg
     from lightning_moe.moe import triton_grouped as tg
@@ -153,7 +157,7 @@ def test_gpu_matches_triton_rows(seed, op, row_weights, schedule):
         pytest.skip("row weights apply to the SwiGLU epilogues only")
     if schedule.endswith("merged") and op != "fwd1":
         pytest.skip("merge applies to the SwiGLU GEMM only")
-    if schedule.endswith("tma") and op != "dgrad2":
+    if "tma" in schedule and op != "dgrad2":
         pytest.skip("TMA loads of saved values apply to the SwiGLU backward only")
     g = torch.Generator(device="cuda").manual_seed(seed)
     # k-steps of 64: fwd1, dgrad2 17 (2 per epilogue slice, one left), dgrad1 10, fwd2 5 (fewer than the 8 slices)
@@ -188,6 +192,8 @@ def test_gpu_matches_triton_rows(seed, op, row_weights, schedule):
                 tile.update(stages=3, merge=True, epi_warps=2, consumer_regs=232, epi_regs=40)
             if schedule.endswith("tma"):  # 8 slices a tile, 3 in flight: the ring crosses into the next tiles
                 tile.update(aux_stages=4)
+            if schedule.endswith("tma_sub8"):  # 16 slices of 8 rows, 4 in flight
+                tile.update(aux_stages=5, sub=8)
     else:
         tile = {"bn": 64 if op == "fwd1" else 128}
     out = gg.ws_rows_mm(x, b, offs, **tile, **kw)
