@@ -47,11 +47,11 @@ CONFIGS: dict[str, dict] = {
     # all four cooperative (two consumers x 64 rows); fwd1's gate and up columns merged into one MMA per k-step
     # (1.893 ms without merging, same process); epilogues interleaved with the next tile's k-steps, except dgrad2's,
     # which four more warps run while the consumers multiply (1.168 ms interleaved, same process), its saved values
-    # loaded by TMA three slices ahead (1.100 ms loaded into registers one slice ahead, same process)
+    # loaded by TMA four 8-row slices ahead (1.100 ms loaded into registers one 16-row slice ahead)
     "fwd1": {"bn": 128, "stages": 3, "coop": True, "interleave": True, "sub": 8, "merge": True},  # 1.804 (2.086)
     "fwd2": {"bn": 256, "stages": 3, "coop": True, "interleave": True, "sub": 8},  # 0.909 (0.991)
-    "dgrad2": {"bn": 128, "stages": 4, "coop": True, "sub": 16, "epi_warps": 4, "consumer_regs": 160,
-               "aux_stages": 4},  # 1.074 (1.400)
+    "dgrad2": {"bn": 128, "stages": 4, "coop": True, "sub": 8, "epi_warps": 4, "consumer_regs": 160,
+               "aux_stages": 5},  # 1.066 (1.408); 16-row slices, 4 stages: 1.084, same process
     "dgrad1": {"bn": 256, "stages": 3, "coop": True, "interleave": True, "sub": 8},  # 1.788 (1.864)
 }
 
