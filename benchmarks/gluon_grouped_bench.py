@@ -43,15 +43,21 @@ def _problem(n_tokens, dim, ffn, experts, topk, seed, skew=False):
     def rnd(*shape, scale=1.0):
         return (torch.randn(*shape, device="cuda", generator=g) * scale).to(dt)
 
-    x = rnd(n, dim)
+    # The token of each routed row, as the layer's permutation gives it (each token topk times, in random order),
+    # for the gathered variants; x and dy are the tokens' rows in that order.
+    idx = (torch.randperm(n, device="cuda", generator=g) // topk).to(torch.int32)
+    x_tok = rnd(n_tokens, dim)
+    x = x_tok[idx]
     w13 = rnd(experts, dim, 2 * ffn, scale=dim ** -0.5)
     w2 = rnd(experts, ffn, dim, scale=ffn ** -0.5)
     h13 = rnd(n, 2 * ffn)
     h = rnd(n, ffn)
-    dy = rnd(n, dim)
+    dy_tok = rnd(n_tokens, dim)
+    dy = dy_tok[idx]
     dh13 = rnd(n, 2 * ffn)
     rw = torch.rand(n, device="cuda", generator=g)
-    return dict(x=x, w13=w13, w2=w2, h13=h13, h=h, dy=dy, dh13=dh13, rw=rw, offs=offs, n=n, dim=dim, ffn=ffn)
+    return dict(x=x, w13=w13, w2=w2, h13=h13, h=h, dy=dy, dh13=dh13, rw=rw, offs=offs, n=n, dim=dim, ffn=ffn,
+                idx=idx, x_tok=x_tok, dy_tok=dy_tok)
 
 
 def _calls(op, p, variant):
@@ -66,14 +72,35 @@ def _calls(op, p, variant):
     contig_b, epi = variant.pop("contig_b", 0), variant.pop("epi", None)
     variant.pop("timing", None)
     no_rw = variant.pop("no_rw", 0)
+    # gather=1 (fwd1, dgrad2): A's rows gathered from the tokens' rows by the kernel (the reference takes them
+    # pre-gathered); keep=1 also stores the gathered rows (returned last, left out of the comparison).
+    gather, keep = variant.pop("gather", 0), variant.pop("keep", 0)
+    if gather and op not in ("fwd1", "dgrad2"):
+        raise ValueError("gather=1 applies to fwd1 and dgrad2, whose A rows are the tokens' rows")
     # A variant's keywords override the tiles the layer runs (gluon_grouped.CONFIGS); the ping-pong schedule of the
     # first version is coop=0,interleave=0 (with bn=64 for fwd1, bn=128 and stages=4 for the others).
     variant = {**gg.CONFIGS[op], **variant}
     x, w13, w2, offs, rw = p["x"], p["w13"], p["w2"], p["offs"], p["rw"]
     n, d, hid = p["n"], p["dim"], p["ffn"]
+    if gather:
+        variant.update(gather=p["idx"], keep_gathered=bool(keep))
+
+    def rows(name):
+        return p[name + "_tok"] if gather else p[name]
+
+    def drop_kept(fn):
+        if not keep:
+            return fn
+
+        def run():
+            out = fn()[:-1]
+            return out[0] if len(out) == 1 else out
+        return run
+
     if op == "fwd1":
         return (lambda: tg.grouped_rows_mm(x, w13, offs, cfg["fwd1"], epilogue=1, row_weights=rw),
-                lambda: gg.ws_rows_mm(x, w13, offs, epilogue=1, row_weights=rw, **variant), 2 * n * d * 2 * hid)
+                drop_kept(lambda: gg.ws_rows_mm(rows("x"), w13, offs, epilogue=1, row_weights=rw, **variant)),
+                2 * n * d * 2 * hid)
     if op == "fwd2":
         return (lambda: tg.grouped_rows_mm(p["h"], w2, offs, cfg["fwd2"]),
                 lambda: gg.ws_rows_mm(p["h"], w2, offs, **variant), 2 * n * hid * d)
@@ -83,7 +110,7 @@ def _calls(op, p, variant):
         gkw = {"epilogue": 2, "aux": p["h13"], "row_weights": None if no_rw else rw}
         gkw = gkw if epi is None else {"epilogue": epi}
         return (lambda: tg.grouped_rows_mm(p["dy"], b, offs, cfg["dgrad2"], epilogue=2, aux=p["h13"], row_weights=rw),
-                lambda: gg.ws_rows_mm(p["dy"], bg, offs, **gkw, **variant), 2 * n * d * hid)
+                drop_kept(lambda: gg.ws_rows_mm(rows("dy"), bg, offs, **gkw, **variant)), 2 * n * d * hid)
     b = w13.transpose(1, 2)
     bg = b.contiguous() if contig_b else b
     return (lambda: tg.grouped_rows_mm(p["dh13"], b, offs, cfg["dgrad1"]),

@@ -100,8 +100,21 @@ def _now(dep):
 
 
 @gluon.jit
-def _producer(a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_ptr, MAX_T, NB_N, K, HALF, N_ROWS,
-              EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, MERGE: gl.constexpr):
+def _producer(a_desc, b_desc, o_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_ptr, MAX_T, NB_N, K, HALF, N_ROWS,
+              EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, MERGE: gl.constexpr, x_ptr, idx_ptr, M_ROWS, s_xm,
+              GATHER: gl.constexpr, LAG: gl.constexpr, SIDE: gl.constexpr):
+    """The producer partition: ``_producer_gather`` where A's rows are gathered, else ``_producer_tma``."""
+    if GATHER:
+        _producer_gather(x_ptr, idx_ptr, o_desc, b_desc, a_bufs, b_bufs, ready, empty, table_ptr, MAX_T, NB_N, K,
+                         HALF, N_ROWS, M_ROWS, s_xm, EPILOGUE, B_KMAJOR, MERGE, LAG, SIDE, 4)
+    else:
+        _producer_tma(a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_ptr, MAX_T, NB_N, K, HALF, N_ROWS,
+                      EPILOGUE, B_KMAJOR, MERGE)
+
+
+@gluon.jit
+def _producer_tma(a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_ptr, MAX_T, NB_N, K, HALF, N_ROWS,
+                  EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, MERGE: gl.constexpr):
     """TMA loads of every k-step of every tile of this program into the stage ring (one warp). ``MERGE`` (SwiGLU):
     the gate and up columns of a k-step go side by side into one stage, [BK, 2 * BN]."""
     BK: gl.constexpr = a_desc.block_type.shape[1]
@@ -142,6 +155,114 @@ def _producer(a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_ptr, M
             if EPILOGUE == 1 and not MERGE:
                 tma.async_copy_global_to_shared(b_desc, [e * K + k0, HALF + n0], bar, u_bufs.index(s))
             g += 1
+
+
+@gluon.jit
+def _gather_release(o_desc, a_bufs, ready, q, row_q, k_q, store_q, LAG: gl.constexpr, SIDE: gl.constexpr):
+    """Ring step q's gathered A rows have landed (each thread waits for its own copies, LAG steps later): make them
+    visible to the MMAs (``wgmma`` reads shared memory through the async proxy, the copies wrote it through the
+    generic one) and to the side store, then mark the stage ready; with ``SIDE`` and ``store_q``, store it to
+    ``o_desc`` at [row_q, k_q] by TMA."""
+    S: gl.constexpr = a_bufs.type.shape[0]
+    async_copy.wait_group(LAG)
+    fence_async_shared()
+    if SIDE:
+        # The stage refilled next held step q + LAG + 1 - S, stored (if at all) S - LAG - 1 releases ago.
+        tma.store_wait(S - LAG - 2)
+    gl.thread_barrier()  # every thread's copies of step q are visible (and older stores have read their stages)
+    mbarrier.arrive(ready.index(q % S))
+    if SIDE:
+        if store_q:
+            tma.async_copy_shared_to_global(o_desc, [row_q, k_q], a_bufs.index(q % S))
+
+
+@gluon.jit
+def _producer_gather(x_ptr, idx_ptr, o_desc, b_desc, a_bufs, b_bufs, ready, empty, table_ptr, MAX_T, NB_N, K, HALF,
+                     N_ROWS, M_ROWS, s_xm, EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, MERGE: gl.constexpr,
+                     LAG: gl.constexpr, SIDE: gl.constexpr, num_warps: gl.constexpr):
+    """``_producer`` whose A rows are gathered: routed row r of the tile is row ``idx[r]`` of ``x`` ([T, K], row
+    stride s_xm), copied by ``cp.async`` (Hopper's TMA has no gather) by this partition's ``num_warps`` warps, 16
+    bytes per copy; B still comes by TMA. A stage is marked ready LAG ring steps after its copies are issued
+    (``_gather_release``), so LAG + 1 steps of copies are in flight. ``SIDE``: the gathered tile is also stored to
+    ``o_desc`` (the routed rows [M, K]) from the first column tile of each row tile, for the weight gradient that
+    needs them in row order."""
+    BM: gl.constexpr = a_bufs.type.shape[1]
+    BK: gl.constexpr = a_bufs.type.shape[2]
+    BN: gl.constexpr = b_desc.block_type.shape[0] if B_KMAJOR else b_desc.block_type.shape[1]
+    S: gl.constexpr = a_bufs.type.shape[0]
+    gl.static_assert(S >= LAG + 2, "a gathered stage is released LAG steps after its copies: STAGES >= LAG + 2")
+    nbytes: gl.constexpr = b_desc.block_type.nbytes * (2 if EPILOGUE == 1 else 1)
+    TPR: gl.constexpr = BK // 8  # threads per row: 16-byte copies
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPR, TPR], [num_warps, 1], [1, 0])
+    rows_l = gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
+    kcols = gl.arange(0, BK, layout=gl.SliceLayout(0, layout))
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    total = gl.load(table_ptr + 3 * MAX_T) * NB_N
+    ksteps = gl.cdiv(K, BK)
+    g = 0
+    # The step LAG behind, whose stage is released after this step's copies are issued: its row tile, k and
+    # whether it is stored (in registers of this partition, a few steps of a tile).
+    q_row = pid * 0
+    q_k = pid * 0
+    q_store = pid < 0
+    prev_rows = pid * 0
+    prev_k = pid * 0
+    prev_store = pid < 0
+    for w in range(pid, total, nprog):
+        n0 = (w % NB_N) * BN
+        rt = w // NB_N
+        e = gl.load(table_ptr + rt)
+        row0 = gl.load(table_ptr + MAX_T + rt)
+        rows = row0 + rows_l
+        row_ok = rows < M_ROWS
+        tok = gl.load(idx_ptr + rows, mask=row_ok, other=0)
+        src = x_ptr + tok.to(gl.int64)[:, None] * s_xm
+        store = (w % NB_N) == 0
+        for kk in range(ksteps):
+            s = g % S
+            mbarrier.wait(empty.index(s), ((g // S) & 1) ^ 1)
+            bar = ready.index(s)
+            mbarrier.expect(bar, nbytes)
+            k0 = kk * BK
+            if MERGE:
+                b_stage = b_bufs.index(s)
+                tma.async_copy_global_to_shared(b_desc, [e * K + k0, n0], bar, b_stage.slice(0, BN, dim=1))
+                tma.async_copy_global_to_shared(b_desc, [e * K + k0, HALF + n0], bar, b_stage.slice(BN, BN, dim=1))
+            elif B_KMAJOR:
+                tma.async_copy_global_to_shared(b_desc, [e * N_ROWS + n0, k0], bar, b_bufs.index(s))
+            else:
+                tma.async_copy_global_to_shared(b_desc, [e * K + k0, n0], bar, b_bufs.index(s))
+            kc = k0 + kcols
+            async_copy.async_copy_global_to_shared(a_bufs.index(s), src + kc[None, :],
+                                                   mask=row_ok[:, None] & (kc < K)[None, :])
+            async_copy.commit_group()
+            if g >= LAG:
+                _gather_release(o_desc, a_bufs, ready, g - LAG, q_row, q_k, q_store, LAG, SIDE)
+            # shift the window of steps in flight (LAG of 1 or 2)
+            if LAG == 2:
+                q_row = prev_rows
+                q_k = prev_k
+                q_store = prev_store
+                prev_rows = row0
+                prev_k = k0
+                prev_store = store
+            else:
+                q_row = row0
+                q_k = k0
+                q_store = store
+            g += 1
+    # the last LAG steps
+    if LAG == 2:
+        if g >= 2:
+            _gather_release(o_desc, a_bufs, ready, g - 2, q_row, q_k, q_store, 1, SIDE)
+        if g >= 1:
+            _gather_release(o_desc, a_bufs, ready, g - 1, prev_rows, prev_k, prev_store, 0, SIDE)
+    else:
+        if g >= 1:
+            _gather_release(o_desc, a_bufs, ready, g - 1, q_row, q_k, q_store, 0, SIDE)
+    if SIDE:
+        tma.store_wait(0)
 
 
 @gluon.jit
@@ -633,12 +754,13 @@ def _consumer(c_id, a_bufs, b_bufs, u_bufs, ready, empty, order, epi_smem, up_sm
 
 @gluon.jit
 def _ws_rows_kernel(
-    a_desc, b_desc, g_desc, u_desc, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, table_ptr, dbg_ptr,
-    MAX_T, N, K, NB_N, HALF, N_ROWS, s_cm, s_auxm, s_hm, s_drw,
+    a_desc, b_desc, g_desc, u_desc, o_desc, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, table_ptr, dbg_ptr, x_ptr,
+    idx_ptr, MAX_T, N, K, NB_N, HALF, N_ROWS, s_cm, s_auxm, s_hm, s_drw, M_ROWS, s_xm,
     STAGES: gl.constexpr, EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, HAS_RW: gl.constexpr,
     SUB: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, TIMING: gl.constexpr,
     COOP: gl.constexpr, INTERLEAVE: gl.constexpr, MERGE: gl.constexpr, EPI_WARPS: gl.constexpr,
-    EPI_REGS: gl.constexpr, SKIP_IDLE: gl.constexpr, AUX_STAGES: gl.constexpr,
+    EPI_REGS: gl.constexpr, SKIP_IDLE: gl.constexpr, AUX_STAGES: gl.constexpr, GATHER: gl.constexpr,
+    LAG: gl.constexpr, SIDE: gl.constexpr,
 ):
     gl.static_assert(not MERGE or EPILOGUE == 1, "MERGE applies to the SwiGLU epilogue only")
     gl.static_assert(not EPI_WARPS or (COOP and not INTERLEAVE and (MERGE or EPILOGUE != 1)),
@@ -666,7 +788,8 @@ def _ws_rows_kernel(
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     order = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
+        # Gathered A rows: the producer's arrival once its copies have landed, beside the TMA expectation of B's.
+        mbarrier.init(ready.index(i), count=2 if GATHER else 1)
         # Cooperative: a stage is free once both consumers have read it.
         mbarrier.init(empty.index(i), count=2 if COOP else 1)
     for i in gl.static_range(2):
@@ -721,6 +844,7 @@ def _ws_rows_kernel(
         aux_ready = ready
     fence_async_shared()
 
+    PRODUCER_WARPS: gl.constexpr = 4 if GATHER else 1  # gathered rows: copies by four warps, not one TMA
     # Partition arguments are written out, in each call: constexprs inside a concatenated tuple reach the partitions
     # as run-time values, and tuples or functions held in variables do not compile (so the two calls repeat them).
     if EPI_WARPS:
@@ -736,9 +860,9 @@ def _ws_rows_kernel(
             (_epilogue_partition, (epi0, handoff, g_desc, u_desc, aux_bufs, aux_ready, table_ptr, MAX_T, NB_N, N,
                                    HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, EPILOGUE,
                                    HAS_RW, SUB, EPI_WARPS, MERGE, AUX_STAGES)),
-            (_producer, (a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_ptr, MAX_T, NB_N, K, HALF,
-                         N_ROWS, EPILOGUE, B_KMAJOR, MERGE)),
-        ], [4, EPI_WARPS, 1], [CONSUMER_REGS, EPI_REGS, PRODUCER_REGS])
+            (_producer, (a_desc, b_desc, o_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_ptr, MAX_T, NB_N, K,
+                         HALF, N_ROWS, EPILOGUE, B_KMAJOR, MERGE, x_ptr, idx_ptr, M_ROWS, s_xm, GATHER, LAG, SIDE)),
+        ], [4, EPI_WARPS, PRODUCER_WARPS], [CONSUMER_REGS, EPI_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([
             (_consumer, (0, a_bufs, b_bufs, u_bufs, ready, empty, order, epi0, up0, st0, handoff, table_ptr, MAX_T,
@@ -749,9 +873,9 @@ def _ws_rows_kernel(
                          NB_N, K, N, HALF, c_ptr, aux_ptr, h_ptr, rw_ptr, drw_ptr, s_cm, s_auxm, s_hm, s_drw, dbg_ptr,
                          EPILOGUE, B_KMAJOR, HAS_RW, SUB, TIMING, COOP, INTERLEAVE, MERGE, EPI_WARPS,
                          SKIP_IDLE)),
-            (_producer, (a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_ptr, MAX_T, NB_N, K, HALF,
-                         N_ROWS, EPILOGUE, B_KMAJOR, MERGE)),
-        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+            (_producer, (a_desc, b_desc, o_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_ptr, MAX_T, NB_N, K,
+                         HALF, N_ROWS, EPILOGUE, B_KMAJOR, MERGE, x_ptr, idx_ptr, M_ROWS, s_xm, GATHER, LAG, SIDE)),
+        ], [4, PRODUCER_WARPS], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 # ----------------------------------------------------------------------------------------------------------- launch
@@ -759,7 +883,8 @@ def compile_only(arch: int = 90, *, epilogue: int = _PLAIN, b_kmajor: bool = Fal
                  bm: int = 128, bn: int = 128, bk: int = 64, stages: int = 4, sub: int = 32,
                  consumer_regs: int = 232, producer_regs: int = 40, maxnreg: int = 168, timing: bool = False,
                  coop: bool = False, interleave: bool = False, merge: bool = False, sizes16: bool = True,
-                 epi_warps: int = 0, epi_regs: int = 152, skip_idle: bool = True, aux_stages: int = 0):
+                 epi_warps: int = 0, epi_regs: int = 152, skip_idle: bool = True, aux_stages: int = 0,
+                 gather: bool = False, lag: int = 1, side: bool = False):
     """Compile the kernel for ``sm_<arch>`` without a GPU (CPU is fine) and return Triton's compiled kernel, whose
     ``asm`` holds the TTGIR, PTX and cubin: tests check on the CPU that it is warp-specialised. ``sizes16``: the
     sizes and strides are multiples of 16, as the launcher specialises them for the benchmark's shapes; False: only
@@ -772,19 +897,22 @@ def compile_only(arch: int = 90, *, epilogue: int = _PLAIN, b_kmajor: bool = Fal
     b_block = [bn, bk] if b_kmajor else [bk, bn]
     aux_block = [sub, bn] if aux_stages else [bm, bk]
     descs = [TensorDescriptor.from_tensor(probe, block, gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16))
-             for block in ([bm, bk], b_block, aux_block, aux_block)]
-    names = ["a_desc", "b_desc", "g_desc", "u_desc", "c_ptr", "aux_ptr", "h_ptr", "rw_ptr", "drw_ptr", "table_ptr",
-             "dbg_ptr", "MAX_T", "N", "K", "NB_N", "HALF", "N_ROWS", "s_cm", "s_auxm", "s_hm", "s_drw"]
-    types = [mangle_type(d) for d in descs] + ["*bf16", "*bf16", "*bf16", "*fp32", "*fp32", "*i32", "*i64"]
-    signature = dict(zip(names, types + ["i32"] * 10, strict=True))
+             for block in ([bm, bk], b_block, aux_block, aux_block, [bm, bk])]
+    names = ["a_desc", "b_desc", "g_desc", "u_desc", "o_desc", "c_ptr", "aux_ptr", "h_ptr", "rw_ptr", "drw_ptr",
+             "table_ptr", "dbg_ptr", "x_ptr", "idx_ptr", "MAX_T", "N", "K", "NB_N", "HALF", "N_ROWS", "s_cm", "s_auxm",
+             "s_hm", "s_drw", "M_ROWS", "s_xm"]
+    types = [mangle_type(d) for d in descs] + ["*bf16", "*bf16", "*bf16", "*fp32", "*fp32", "*i32", "*i64", "*bf16",
+                                               "*i32"]
+    signature = dict(zip(names, types + ["i32"] * 12, strict=True))
     constexprs = {"STAGES": stages, "EPILOGUE": epilogue, "B_KMAJOR": b_kmajor, "HAS_RW": has_rw, "SUB": sub,
                   "CONSUMER_REGS": consumer_regs, "PRODUCER_REGS": producer_regs, "TIMING": timing,
                   "COOP": bool(coop), "INTERLEAVE": bool(interleave and coop),
                   "MERGE": bool(merge and epilogue == _SWIGLU), "EPI_WARPS": epi_warps, "EPI_REGS": epi_regs,
-                  "SKIP_IDLE": bool(skip_idle), "AUX_STAGES": aux_stages}
+                  "SKIP_IDLE": bool(skip_idle), "AUX_STAGES": aux_stages, "GATHER": bool(gather), "LAG": lag,
+                  "SIDE": bool(side and gather)}
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     # As the launcher specialises them on a GPU: pointers and the sizes of the benchmark shapes are 16-divisible.
-    divisible = names[4:11] + (["N", "K", "HALF", "N_ROWS", "s_cm", "s_auxm", "s_hm"] if sizes16 else [])
+    divisible = names[5:14] + (["N", "K", "HALF", "N_ROWS", "s_cm", "s_auxm", "s_hm", "s_xm"] if sizes16 else [])
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in divisible}
     src = GluonASTSource(_ws_rows_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
@@ -811,7 +939,8 @@ def ws_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, bm: int 
                producer_regs: int = 40, maxnreg: int | None = 168, table: tuple[torch.Tensor, int] | None = None,
                num_programs: int | None = None, timing: torch.Tensor | None = None, coop: bool = False,
                interleave: bool = False, merge: bool = False, epi_warps: int = 0, epi_regs: int = 152,
-               skip_idle: bool = True, aux_stages: int = 0):
+               skip_idle: bool = True, aux_stages: int = 0, gather: torch.Tensor | None = None, lag: int = 1,
+               keep_gathered: bool = False):
     """``triton_grouped.grouped_rows_mm`` on the warp-specialised kernel (same arguments and results); ``bn`` is
     per SwiGLU half for the SwiGLU epilogue. ``coop``: both consumers work on each ``bm`` x ``bn`` tile, ``bm / 2``
     rows each (CUTLASS's "cooperative" schedule), instead of taking alternate tiles ("ping-pong"). ``interleave``
@@ -826,13 +955,29 @@ def ws_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, bm: int 
     backward with ``epi_warps``): the epilogue partition loads the saved gate and up values by TMA through a ring of
     that many ``sub``-row slices (``aux_stages - 1`` slices in flight while one is computed). ``timing``: an
     int64 tensor of at least 256 + 4 x programs zeros, which receives %globaltimer readings: program 0's first 64
-    tiles (4 each), then every program's start and end (2 per consumer)."""
+    tiles (4 each), then every program's start and end (2 per consumer).
+
+    ``gather`` ([M] integers): A's rows are gathered, routed row r being ``a[gather[r]]`` (``a``: [T, K]), by
+    ``cp.async`` copies of four producer warps instead of TMA loads of a [M, K] operand, ``lag`` ring steps of
+    copies in flight beyond the one issued (1 or 2; ``stages`` >= ``lag`` + 2). ``keep_gathered``: the gathered
+    rows [M, K] (``a[gather]``) are also stored, by TMA from the stages of each row tile's first column tile, and
+    returned last."""
     if row_weights is not None and epilogue == _PLAIN:
         raise ValueError("row_weights apply to the SwiGLU epilogues only")
     a = a.contiguous()
     if b.stride(1) != 1 and b.stride(2) != 1:
         b = b.contiguous()
     m, k = a.shape
+    if gather is not None:
+        if gather.dim() != 1 or gather.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"gather must be a 1-d integer tensor of routed rows' source rows, got "
+                             f"{gather.dtype} {tuple(gather.shape)}")
+        if lag not in (1, 2) or stages < lag + 2:
+            raise ValueError(f"gather: lag={lag} must be 1 or 2 with stages >= lag + 2 (stages={stages})")
+        gather = gather.to(torch.int32).contiguous()
+        m = gather.numel()
+    elif keep_gathered:
+        raise ValueError("keep_gathered stores the rows that gather selects: pass gather")
     num_experts, _, n_out = b.shape
     b_kmajor = b.stride(1) == 1 and b.stride(2) != 1
     if epilogue == _SWIGLU and b_kmajor:
@@ -858,10 +1003,13 @@ def ws_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, bm: int 
     nb_n = triton.cdiv(n, bn)
     # [column tile, row]: each tile's shares are stored contiguously over its rows.
     drw = a.new_empty(nb_n, m, dtype=torch.float32) if has_rw and epilogue == _SWIGLU_BWD else c
+    gathered = a.new_empty(m, k) if keep_gathered else None
     if m:
         gdt = gl.bfloat16 if a.dtype == torch.bfloat16 else gl.float16
         storage = (b.transpose(1, 2) if b_kmajor else b).reshape(-1, b.shape[1] if b_kmajor else n_out)
-        a_desc = TensorDescriptor.from_tensor(a, [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk], gdt))
+        a_layout = gl.NVMMASharedLayout.get_default_for([bm, bk], gdt)
+        # Gathered: a descriptor of A's tile shape (and the side store's target), not used for loads.
+        a_desc = TensorDescriptor.from_tensor(a if gathered is None else gathered, [bm, bk], a_layout)
         b_block = [bn, bk] if b_kmajor else [bk, bn]
         b_desc = TensorDescriptor.from_tensor(storage, b_block, gl.NVMMASharedLayout.get_default_for(b_block, gdt))
         g_desc = u_desc = a_desc  # not used
@@ -877,17 +1025,16 @@ def ws_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, bm: int 
         maxnreg = _launch_regs(maxnreg, epi_warps)
         kwargs = {"maxnreg": maxnreg} if maxnreg else {}
         _ws_rows_kernel[(grid,)](
-            a_desc, b_desc, g_desc, u_desc, c, aux, h, rw, drw, tab, c if timing is None else timing,
-            max_t, n, k, nb_n, half, n_out, c.stride(0), aux.stride(0), h.stride(0), drw.stride(0),
+            a_desc, b_desc, g_desc, u_desc, a_desc, c, aux, h, rw, drw, tab, c if timing is None else timing, a,
+            c if gather is None else gather, max_t, n, k, nb_n, half, n_out, c.stride(0), aux.stride(0), h.stride(0),
+            drw.stride(0), m, a.stride(0),
             STAGES=stages, EPILOGUE=epilogue, B_KMAJOR=b_kmajor, HAS_RW=has_rw, SUB=sub,
             CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, TIMING=timing is not None, COOP=bool(coop),
             INTERLEAVE=bool(interleave and coop), MERGE=bool(merge and epilogue == _SWIGLU),
             EPI_WARPS=epi_warps, EPI_REGS=epi_regs, SKIP_IDLE=bool(skip_idle), AUX_STAGES=aux_stages,
-            num_warps=4,
+            GATHER=gather is not None, LAG=lag, SIDE=gathered is not None, num_warps=4,
             **kwargs,
         )
-    if epilogue == _SWIGLU:
-        return c, h
-    if has_rw:
-        return c, drw.sum(0)
-    return c
+    out = (c, h) if epilogue == _SWIGLU else (c, drw.sum(0)) if has_rw else (c,)
+    out += (gathered,) if gathered is not None else ()
+    return out[0] if len(out) == 1 else out
