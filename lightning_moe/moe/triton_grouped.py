@@ -483,6 +483,20 @@ def rows_mm(op: str, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, cfgs:
     return grouped_rows_mm(a, b, offs, cfgs[op], **kwargs)
 
 
+# Gathered token rows: "auto" lets the Gluon fwd1 copy each routed row's token row itself (``gluon_grouped.ws_rows_mm``
+# with ``gather``), storing the gathered rows for the weight gradient from its first column tiles, instead of a
+# separate copy of the tokens into expert order before it; "off" keeps the separate copy.
+GATHER = "auto"
+
+
+def gathers_tokens(x: torch.Tensor, w13: torch.Tensor) -> bool:
+    """Whether ``triton_experts_gathered`` gathers the token rows inside the first row GEMM for these operands
+    (elsewhere it gathers them first, as the layer would)."""
+    if GATHER not in ("auto", "off"):
+        raise ValueError(f"triton_grouped.GATHER={GATHER!r}: must be 'auto' or 'off'")
+    return GATHER == "auto" and x.is_cuda and _rows_backend(x, w13) == "gluon"
+
+
 def experts_forward(x: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                     row_weights: torch.Tensor | None = None, configs: dict[str, TileConfig] | None = None,
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -512,6 +526,26 @@ def experts_backward(dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor, w13:
     return dx, dw13, dw2, drw
 
 
+def experts_forward_gathered(tokens: torch.Tensor, index: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor,
+                             w2: torch.Tensor, row_weights: torch.Tensor | None = None,
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``experts_forward`` of the rows ``tokens[index]`` (tokens: [T, D], index: [N] int32 token of each routed
+    row) -> (y, h13, h, the gathered rows [N, D], which the weight gradient needs)."""
+    if not gathers_tokens(tokens, w13):
+        x = tokens.index_select(0, index)
+        return (*experts_forward(x, offs, w13, w2, row_weights), x)
+    from lightning_moe.moe import gluon_grouped  # noqa: PLC0415
+
+    tables = {}
+    cfg = gluon_grouped.CONFIGS["fwd1"]
+    tables[cfg.get("bm", 128)] = gluon_grouped.tile_table(offs, index.shape[0], cfg.get("bm", 128))
+    h13, h, x = gluon_grouped.ws_rows_mm(tokens, w13, offs, **{**cfg, **gluon_grouped.GATHER_FWD1},
+                                         epilogue=_SWIGLU, row_weights=row_weights, gather=index,
+                                         keep_gathered=True, table=tables[cfg.get("bm", 128)])
+    y = rows_mm("fwd2", h, w2, offs, CONFIGS, tables)
+    return y, h13, h, x
+
+
 # Custom ops keep torch.compile from tracing into the Triton launches (it sees one opaque op each way).
 @torch.library.custom_op("lightning_moe::triton_experts_fwd", mutates_args=())
 def _experts_fwd_op(x: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
@@ -539,6 +573,20 @@ def _(dy, x, offs, w13, w2, h13, h, row_weights):
     return torch.empty_like(x), torch.empty_like(w13), torch.empty_like(w2), drw
 
 
+@torch.library.custom_op("lightning_moe::triton_experts_fwd_gathered", mutates_args=())
+def _experts_fwd_gathered_op(tokens: torch.Tensor, index: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor,
+                             w2: torch.Tensor, row_weights: torch.Tensor | None,
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return experts_forward_gathered(tokens, index, offs, w13, w2, row_weights)
+
+
+@_experts_fwd_gathered_op.register_fake
+def _(tokens, index, offs, w13, w2, row_weights):
+    n, hidden = index.shape[0], w2.shape[1]
+    return (tokens.new_empty(n, w2.shape[2]), tokens.new_empty(n, 2 * hidden), tokens.new_empty(n, hidden),
+            tokens.new_empty(n, tokens.shape[1]))
+
+
 class _TritonExperts(torch.autograd.Function):
     """Returns only y, so autograd never materialises zero gradients for the saved h13 and h."""
 
@@ -554,6 +602,40 @@ class _TritonExperts(torch.autograd.Function):
         x, offs, w13, w2, h13, h, row_weights = ctx.saved_tensors
         dx, dw13, dw2, drw = _experts_bwd_op(dy, x, offs, w13, w2, h13, h, row_weights)
         return dx, None, dw13, dw2, None if row_weights is None else drw
+
+
+class _TritonExpertsGathered(torch.autograd.Function):
+    """``_TritonExperts`` of ``tokens[index]``: the tokens' gradient sums each token's routed rows' gradients
+    (``inverse``: the routed row of each of the T * K slots, dropless)."""
+
+    @staticmethod
+    def forward(ctx, tokens: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, offs: torch.Tensor,
+                w13: torch.Tensor, w2: torch.Tensor, row_weights: torch.Tensor | None) -> torch.Tensor:
+        y, h13, h, x = _experts_fwd_gathered_op(tokens, index, offs, w13, w2, row_weights)
+        ctx.save_for_backward(x, inverse, offs, w13, w2, h13, h, row_weights)
+        ctx.num_tokens = tokens.shape[0]
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        from lightning_moe.moe.permute import sum_slots  # noqa: PLC0415
+
+        x, inverse, offs, w13, w2, h13, h, row_weights = ctx.saved_tensors
+        dx, dw13, dw2, drw = _experts_bwd_op(dy, x, offs, w13, w2, h13, h, row_weights)
+        dtokens = sum_slots(dx, inverse, ctx.num_tokens)
+        return dtokens, None, None, None, dw13, dw2, None if row_weights is None else drw
+
+
+def triton_experts_gathered(tokens: torch.Tensor, counts: torch.Tensor, token_index: torch.Tensor,
+                            inverse: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                            row_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``triton_experts`` of the routed rows ``tokens[token_index]`` (dropless: ``inverse`` is the routed row of
+    each of the T * K slots), gathered by the first row GEMM itself where ``gathers_tokens`` says so."""
+    offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    if row_weights is not None:
+        row_weights = row_weights.float()
+    return _TritonExpertsGathered.apply(tokens, token_index.to(torch.int32), inverse, offs, w13.to(tokens.dtype),
+                                        w2.to(tokens.dtype), row_weights)
 
 
 def triton_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,

@@ -189,6 +189,45 @@ def test_gpu_moe_layer_with_triton_matches_loop(seed):
         assert _rel(a, b) < 2e-2
 
 
+@cuda
+@needs_triton
+@pytest.mark.parametrize("compiled", [False, True])
+def test_gpu_layer_gathering_in_the_gemm_matches_the_copy(seed, monkeypatch, compiled):
+    """The triton kernel gathering the tokens' rows inside its first GEMM (``GATHER="auto"``, on Hopper) gives
+    bit for bit the outputs and gradients of the layer that copies them into expert order first (``"off"``)."""
+    from lightning_moe.models.config import ModelConfig
+    from lightning_moe.moe import triton_grouped as tg
+    from lightning_moe.moe.layer import MoE
+
+    cfg = ModelConfig(dim=256, num_experts=8, top_k=3, moe_ffn_dim=128, num_shared_experts=0, n_layers=2, n_heads=2,
+                      max_seq_len=512)
+    cfg.expert_kernel = "triton"
+    layer = MoE(cfg).cuda().bfloat16()
+    assert layer.experts.takes_token_index
+    x = torch.randn(2, 300, 256, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn_like(x)
+    results = {}
+    for mode in ("off", "auto"):
+        monkeypatch.setattr(tg, "GATHER", mode)
+        torch._dynamo.reset()
+        fn = torch.compile(layer) if compiled else layer
+        xi = x.clone().requires_grad_()
+        out = fn(xi)
+        results[mode] = (out, *torch.autograd.grad(out, (xi, *layer.parameters()), g))
+    assert tg.gathers_tokens(x.view(-1, 256), layer.experts.w13) == tg._hopper(x.device)
+    for a, b in zip(results["auto"], results["off"], strict=True):
+        assert torch.equal(a, b), _rel(a, b)
+
+
+@needs_triton
+def test_gather_setting_is_checked(monkeypatch):
+    from lightning_moe.moe import triton_grouped as tg
+
+    monkeypatch.setattr(tg, "GATHER", "on")
+    with pytest.raises(ValueError, match="GATHER='on'"):
+        tg.gathers_tokens(torch.zeros(4, 8), torch.zeros(2, 8, 8))
+
+
 def test_triton_missing_is_a_clear_error():
     from lightning_moe.moe.kernels import get_kernel
 
