@@ -55,9 +55,9 @@ CONFIGS: dict[str, dict] = {
     "dgrad1": {"bn": 256, "stages": 3, "coop": True, "interleave": True, "sub": 8},  # 1.788 (1.864)
 }
 
-# fwd1 with its rows gathered from the tokens (``gather``, ``triton_grouped.GATHER``): four producer warps instead
-# of one take 16 registers per thread more, which the consumers give up (no spills either way).
-GATHER_FWD1 = {"consumer_regs": 224, "producer_regs": 56, "lag": 1}
+# fwd1 with its rows gathered from the tokens (``gather``, ``triton_grouped.GATHER``): four producer warps, with the
+# registers of ``CONFIGS`` (no spills).
+GATHER_FWD1 = {"lag": 1}
 
 # ------------------------------------------------------------------------------------------------------------ tiles
 @triton.jit
@@ -195,8 +195,9 @@ def _producer_gather(x_ptr, idx_ptr, o_desc, b_desc, a_bufs, b_bufs, ready, empt
     S: gl.constexpr = a_bufs.type.shape[0]
     gl.static_assert(S >= LAG + 2, "a gathered stage is released LAG steps after its copies: STAGES >= LAG + 2")
     nbytes: gl.constexpr = b_desc.block_type.nbytes * (2 if EPILOGUE == 1 else 1)
-    TPR: gl.constexpr = BK // 8  # threads per row: 16-byte copies
-    layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPR, TPR], [num_warps, 1], [1, 0])
+    # 16-byte copies, two threads per row side by side (one 32-byte sector per pair and instruction), so that
+    # each thread keeps the addresses of few rows (BM / (16 * num_warps)) in its few registers.
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [16, 2], [num_warps, 1], [1, 0])
     rows_l = gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
     kcols = gl.arange(0, BK, layout=gl.SliceLayout(0, layout))
     pid = gl.program_id(0)
