@@ -46,8 +46,9 @@ class RoutedExperts(nn.Module):
     ``kernels.FUSES_ROW_WEIGHTS``; ``forward`` accepts them with every kernel)."""
 
     takes_token_index = False
-    """Whether the MoE layer (dropless) may hand this module the tokens [T, D] with ``token_index`` and ``inverse``
-    instead of the routed rows, for a kernel that gathers them itself (``kernels.GATHERS_TOKENS``)."""
+    """Whether the MoE layer (dropless, gate weights as ``row_weights``) may hand this module the tokens [T, D]
+    with ``token_index`` and ``inverse`` instead of the routed rows, and take back the tokens' summed outputs: for a
+    kernel that gathers the rows (and their gradient) itself (``kernels.GATHERS_TOKENS``)."""
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, kernel: str = "grouped_mm",
                  init_std: float = 0.02) -> None:
@@ -76,9 +77,9 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, row_weights: torch.Tensor | None = None,
                 token_index: torch.Tensor | None = None, inverse: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [N, D] routed rows sorted by expert, or with ``token_index`` ([N], dropless; ``takes_token_index``)
-        the tokens [T, D], routed row r being x[token_index[r]] (``inverse``: the routed row of each of the T * K
-        slots, for the tokens' gradient) -> [N, D]."""
+        """x: [N, D] routed rows sorted by expert -> [N, D]; or with ``token_index`` ([N], dropless;
+        ``takes_token_index``) the tokens [T, D], routed row r being x[token_index[r]], -> [T, D]: each token's
+        routed rows' outputs summed (``inverse``: the routed row of each of the T * K slots)."""
         w13, w2 = self.local_weights()
         if token_index is None:
             return self.kernel(x, counts, w13, w2, row_weights)

@@ -167,13 +167,14 @@ FUSES_ROW_WEIGHTS = frozenset({"triton"})
 def triton_experts_gathered(tokens: torch.Tensor, counts: torch.Tensor, token_index: torch.Tensor,
                             inverse: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                             row_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """``triton_experts`` of the routed rows ``tokens[token_index]``, gathered inside the first GEMM (Hopper)."""
+    """Tokens [T, D] -> [T, D]: ``triton_experts`` of the routed rows ``tokens[token_index]``, each token's rows
+    summed; on Hopper the row GEMMs gather the rows and their gradient themselves."""
     return _triton_module().triton_experts_gathered(tokens, counts, token_index, inverse, w13, w2, row_weights)
 
 
-# Kernels that take the tokens and each routed row's token instead of the routed rows (dropless, single process:
-# expert parallelism dispatches routed rows), and gather them inside their first GEMM: no separate copy of the
-# tokens into expert order before it.
+# Kernels that take the tokens and each routed row's token instead of the routed rows and return the tokens' summed
+# outputs (dropless, single process: expert parallelism dispatches routed rows), gathering the rows inside their
+# first GEMM and the rows' gradient inside the backward's first: no copies into expert order either way.
 GATHERS_TOKENS = frozenset({"triton"})
 
 KERNELS: dict[str, ExpertKernel] = {

@@ -86,12 +86,13 @@ class MoE(nn.Module):
             # plain sum: the gate weights' gradient comes out of the experts' backward, so the routed outputs
             # [N, D] need not be kept for it.
             row_weights = slot_weights_by_row(routing.weights, perm)
-            if self.experts.takes_token_index:  # the experts gather the routed rows from the tokens themselves
-                routed_out = self.experts(tokens, perm.counts, row_weights, token_index=perm.token_index,
-                                          inverse=inverse)
+            if self.experts.takes_token_index:
+                # Tokens in, tokens out: the experts gather the routed rows (and in the backward their gradient)
+                # inside their GEMMs and sum each token's rows, with no copies into expert order.
+                out = self.experts(tokens, perm.counts, row_weights, token_index=perm.token_index, inverse=inverse)
             else:
                 routed_out = self.experts(gather_tokens(tokens, perm, inverse), perm.counts, row_weights)
-            out = combine(routed_out, perm, None, inverse)
+                out = combine(routed_out, perm, None, inverse)
         else:
             rows = gather_tokens(tokens, perm, inverse)
             out = combine(self.experts(rows, perm.counts), perm, routing.weights, inverse)
