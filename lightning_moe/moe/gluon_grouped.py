@@ -204,6 +204,9 @@ def _producer_gather(x_ptr, idx_ptr, o_desc, b_desc, a_bufs, b_bufs, ready, empt
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [16, 2], [num_warps, 1], [1, 0])
     rows_l = gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
     kcols = gl.arange(0, BK, layout=gl.SliceLayout(0, layout))
+    # Multiples of 8 the compiler sees (16-byte copies; ``ws_rows_mm`` checks them; see _epilogue_copies).
+    s_xm = (s_xm // 8) * 8
+    K8 = (K // 8) * 8
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
     total = gl.load(table_ptr + 3 * MAX_T) * NB_N
@@ -243,7 +246,7 @@ def _producer_gather(x_ptr, idx_ptr, o_desc, b_desc, a_bufs, b_bufs, ready, empt
                 tma.async_copy_global_to_shared(b_desc, [e * K + k0, n0], bar, b_bufs.index(s))
             kc = k0 + kcols
             async_copy.async_copy_global_to_shared(a_bufs.index(s), src + kc[None, :],
-                                                   mask=row_ok[:, None] & (kc < K)[None, :])
+                                                   mask=row_ok[:, None] & (kc < K8)[None, :])
             async_copy.commit_group()
             if g >= LAG:
                 _gather_release(o_desc, a_bufs, ready, g - LAG, q_row, q_k, q_store, LAG, SIDE)
