@@ -179,8 +179,6 @@ def layer_variants(name, layer, xl, run_compiled, record, args, device, paired=N
       launched one program per output tile instead.
     - ``Triton row GEMMs`` (``triton`` only): ``triton_grouped.ROWS="triton"`` instead of the warp-specialised Gluon
       row GEMMs that "auto" takes on Hopper.
-    - ``tokens copied`` (``triton`` only): the token rows copied into expert order before the experts
-      (``RoutedExperts.takes_token_index`` off) instead of gathered by their first GEMM.
     """
     from lightning_moe.moe import permute as permute_mod
     from lightning_moe.moe import router as router_mod
@@ -231,7 +229,7 @@ def layer_variants(name, layer, xl, run_compiled, record, args, device, paired=N
             run_compiled(compiled=graphed)
 
         timed("CUDA graphs", "mode=reduce-overhead", graphed, run_graphed)
-        if paired is not None:  # patches nothing, so it can run again later
+        if paired is not None:  # the only variant that patches nothing, so it can run again later
             paired[f"moe_layer[{name}]+compile, CUDA graphs"] = run_graphed
     if name == "triton":
         from lightning_moe.moe import triton_grouped
@@ -242,22 +240,6 @@ def layer_variants(name, layer, xl, run_compiled, record, args, device, paired=N
             if key in wanted:
                 with mock.patch.object(triton_grouped, setting, "triton"):
                     timed(label, f"previous form: triton_grouped.{setting}=triton", fresh())
-        if "no_gather" in wanted and layer.experts.takes_token_index:
-            copied = fresh()
-
-            def run_copied():
-                # The layer's previous form: the tokens copied into expert order (Inductor's scatter) before the
-                # experts. Dynamo guards on the attribute, so the compiled forms of both stay cached.
-                layer.experts.takes_token_index = False
-                try:
-                    run_compiled(compiled=copied)
-                finally:
-                    layer.experts.takes_token_index = True
-
-            timed("tokens copied", "previous form: tokens copied into expert order before the first GEMM", copied,
-                  run_copied)
-            if paired is not None:
-                paired[f"moe_layer[{name}]+compile, tokens copied"] = run_copied
         configs = dict(triton_grouped.CONFIGS)
         if "per_tile" in wanted and any(c.persistent for c in configs.values()):
             triton_grouped.CONFIGS.update({k: dataclasses.replace(c, persistent=False) for k, c in configs.items()})
@@ -295,7 +277,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--variants-for", default="", help="kernels (comma-separated) for which to also time the compiled "
                    "layer with the eager bmm combine, with the fp32 router GEMMs, and with CUDA graphs")
     p.add_argument("--variants",
-                   default="gather_rows,weighted_combine,bmm,fp32_router,cuda_graphs,triton_wgrad,per_tile,triton_rows,no_gather",
+                   default="gather_rows,weighted_combine,bmm,fp32_router,cuda_graphs,triton_wgrad,per_tile,triton_rows",
                    help="which of those variants to time (layer_variants says what each is)")
     args = p.parse_args(argv)
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from lightning_moe.moe.kernels import FUSES_ROW_WEIGHTS, GATHERS_TOKENS, get_gathering_kernel, get_kernel
+from lightning_moe.moe.kernels import FUSES_ROW_WEIGHTS, get_kernel
 
 
 class FeedForward(nn.Module):
@@ -45,11 +45,6 @@ class RoutedExperts(nn.Module):
     """Whether the MoE layer hands this module the gate weights as ``row_weights`` (set per kernel from
     ``kernels.FUSES_ROW_WEIGHTS``; ``forward`` accepts them with every kernel)."""
 
-    takes_token_index = False
-    """Whether the MoE layer (dropless, gate weights as ``row_weights``) may hand this module the tokens [T, D]
-    with ``token_index`` and ``inverse`` instead of the routed rows, and take back the tokens' summed outputs: for a
-    kernel that gathers the rows (and their gradient) itself (``kernels.GATHERS_TOKENS``)."""
-
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, kernel: str = "grouped_mm",
                  init_std: float = 0.02) -> None:
         super().__init__()
@@ -57,8 +52,6 @@ class RoutedExperts(nn.Module):
         self.kernel_name = kernel
         self.kernel = get_kernel(kernel)
         self.takes_row_weights = kernel in FUSES_ROW_WEIGHTS
-        self.takes_token_index = kernel in GATHERS_TOKENS
-        self.gathering_kernel = get_gathering_kernel(kernel) if self.takes_token_index else None
         self.init_std = init_std
         self.w13 = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden_dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
@@ -75,15 +68,6 @@ class RoutedExperts(nn.Module):
             w13, w2 = w13.to_local(), w2.to_local()
         return w13, w2
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor, row_weights: torch.Tensor | None = None,
-                token_index: torch.Tensor | None = None, inverse: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [N, D] routed rows sorted by expert -> [N, D]; or with ``token_index`` ([N], dropless;
-        ``takes_token_index``) the tokens [T, D], routed row r being x[token_index[r]], -> [T, D]: each token's
-        routed rows' outputs summed (``inverse``: the routed row of each of the T * K slots)."""
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, row_weights: torch.Tensor | None = None) -> torch.Tensor:
         w13, w2 = self.local_weights()
-        if token_index is None:
-            return self.kernel(x, counts, w13, w2, row_weights)
-        if self.gathering_kernel is None or inverse is None:
-            raise ValueError(f"expert kernel {self.kernel_name!r} takes routed rows, not tokens with token_index "
-                             f"(and inverse): kernels that gather them: {sorted(GATHERS_TOKENS)}")
-        return self.gathering_kernel(x, counts, token_index, inverse, w13, w2, row_weights)
+        return self.kernel(x, counts, w13, w2, row_weights)

@@ -55,14 +55,6 @@ CONFIGS: dict[str, dict] = {
     "dgrad1": {"bn": 256, "stages": 3, "coop": True, "interleave": True, "sub": 8},  # 1.788 (1.864)
 }
 
-# Overrides of ``CONFIGS`` where A's rows are gathered (``gather``, ``triton_grouped.GATHER``; four producer warps):
-# fwd1 from the tokens, with the registers of ``CONFIGS``; dgrad2 from the tokens' gradient, its epilogue giving 16
-# registers per thread to the producer (no spills either).
-GATHER_CONFIGS: dict[str, dict] = {
-    "fwd1": {"lag": 1},
-    "dgrad2": {"lag": 2, "epi_regs": 136, "producer_regs": 56},
-}
-
 # ------------------------------------------------------------------------------------------------------------ tiles
 @triton.jit
 def _tile_table_kernel(offs_ptr, table_ptr, E, MAX_T, BM: tl.constexpr, E_P2: tl.constexpr, BT: tl.constexpr):

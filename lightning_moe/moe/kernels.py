@@ -164,19 +164,6 @@ def triton_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2:
 # combine saves (docs/moe_layer_benchmark.md), so the other kernels leave the weights to the combine.
 FUSES_ROW_WEIGHTS = frozenset({"triton"})
 
-def triton_experts_gathered(tokens: torch.Tensor, counts: torch.Tensor, token_index: torch.Tensor,
-                            inverse: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                            row_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Tokens [T, D] -> [T, D]: ``triton_experts`` of the routed rows ``tokens[token_index]``, each token's rows
-    summed; on Hopper the row GEMMs gather the rows and their gradient themselves."""
-    return _triton_module().triton_experts_gathered(tokens, counts, token_index, inverse, w13, w2, row_weights)
-
-
-# Kernels that take the tokens and each routed row's token instead of the routed rows and return the tokens' summed
-# outputs (dropless, single process: expert parallelism dispatches routed rows), gathering the rows inside their
-# first GEMM and the rows' gradient inside the backward's first: no copies into expert order either way.
-GATHERS_TOKENS = frozenset({"triton"})
-
 KERNELS: dict[str, ExpertKernel] = {
     "loop": loop_experts,
     "grouped_mm": grouped_mm_experts,
@@ -194,10 +181,3 @@ def get_kernel(name: str) -> ExpertKernel:
     if name == "triton":
         return _triton_module().triton_experts  # imported now, so compiled code never runs the import
     return KERNELS[name]
-
-
-def get_gathering_kernel(name: str) -> Callable[..., torch.Tensor]:
-    """The token-gathering form of kernel ``name`` (one of ``GATHERS_TOKENS``)."""
-    if name not in GATHERS_TOKENS:
-        raise ValueError(f"model.expert_kernel={name!r} does not gather tokens; these do: {sorted(GATHERS_TOKENS)}")
-    return _triton_module().triton_experts_gathered

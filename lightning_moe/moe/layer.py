@@ -81,20 +81,14 @@ class MoE(nn.Module):
             with torch.no_grad():
                 self.router.dropped_tokens += perm.dropped
         inverse = inverse_order(perm) if perm.dropless else None
+        rows = gather_tokens(tokens, perm, inverse)
         if perm.dropless and self.weights_in_experts and self.experts.takes_row_weights:
             # The experts scale each row by its gate weight before their down projection, and the combine is a
             # plain sum: the gate weights' gradient comes out of the experts' backward, so the routed outputs
             # [N, D] need not be kept for it.
-            row_weights = slot_weights_by_row(routing.weights, perm)
-            if self.experts.takes_token_index:
-                # Tokens in, tokens out: the experts gather the routed rows (and in the backward their gradient)
-                # inside their GEMMs and sum each token's rows, with no copies into expert order.
-                out = self.experts(tokens, perm.counts, row_weights, token_index=perm.token_index, inverse=inverse)
-            else:
-                routed_out = self.experts(gather_tokens(tokens, perm, inverse), perm.counts, row_weights)
-                out = combine(routed_out, perm, None, inverse)
+            routed_out = self.experts(rows, perm.counts, slot_weights_by_row(routing.weights, perm))
+            out = combine(routed_out, perm, None, inverse)
         else:
-            rows = gather_tokens(tokens, perm, inverse)
             out = combine(self.experts(rows, perm.counts), perm, routing.weights, inverse)
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens)

@@ -106,7 +106,7 @@ def _fusible(dtype: torch.dtype) -> bool:
     return dtype in (torch.bfloat16, torch.float16) and torch.compiler.is_compiling()
 
 
-def sum_slots(rows: torch.Tensor, inverse: torch.Tensor, num_tokens: int) -> torch.Tensor:
+def _sum_slots(rows: torch.Tensor, inverse: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """out[t] = sum_k rows[inverse[t * K + k]]: [N, D] -> [T, D]."""
     return rows.index_select(0, inverse).view(num_tokens, -1, rows.shape[-1]).sum(1)
 
@@ -139,7 +139,7 @@ class _GatherTokens(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows: torch.Tensor):
         (inverse,) = ctx.saved_tensors
-        return sum_slots(grad_rows, inverse, ctx.num_tokens), None, None
+        return _sum_slots(grad_rows, inverse, ctx.num_tokens), None, None
 
 
 class _SumSlots(torch.autograd.Function):
@@ -149,7 +149,7 @@ class _SumSlots(torch.autograd.Function):
     def forward(ctx, rows: torch.Tensor, inverse: torch.Tensor, token_index: torch.Tensor, num_tokens: int,
                 ) -> torch.Tensor:
         ctx.save_for_backward(inverse, token_index)
-        return sum_slots(rows, inverse, num_tokens)
+        return _sum_slots(rows, inverse, num_tokens)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):

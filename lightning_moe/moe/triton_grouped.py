@@ -483,20 +483,6 @@ def rows_mm(op: str, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, cfgs:
     return grouped_rows_mm(a, b, offs, cfgs[op], **kwargs)
 
 
-# Gathered token rows: "auto" lets the Gluon fwd1 copy each routed row's token row itself (``gluon_grouped.ws_rows_mm``
-# with ``gather``), storing the gathered rows for the weight gradient from its first column tiles, instead of a
-# separate copy of the tokens into expert order before it; "off" keeps the separate copy.
-GATHER = "auto"
-
-
-def gathers_tokens(x: torch.Tensor, w13: torch.Tensor) -> bool:
-    """Whether ``triton_experts_gathered`` gathers the token rows inside the first row GEMM for these operands
-    (elsewhere it gathers them first, as the layer would)."""
-    if GATHER not in ("auto", "off"):
-        raise ValueError(f"triton_grouped.GATHER={GATHER!r}: must be 'auto' or 'off'")
-    return GATHER == "auto" and x.is_cuda and _rows_backend(x, w13) == "gluon"
-
-
 def experts_forward(x: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                     row_weights: torch.Tensor | None = None, configs: dict[str, TileConfig] | None = None,
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -523,52 +509,6 @@ def experts_backward(dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor, w13:
     dw2 = weight_grad(h, dy, offs, cfgs["wgrad2"], w2.dtype)
     dx = rows_mm("dgrad1", dh13, w13.transpose(1, 2), offs, cfgs, tables)
     dw13 = weight_grad(x, dh13, offs, cfgs["wgrad1"], w13.dtype)
-    return dx, dw13, dw2, drw
-
-
-def _gathered_rows_mm(op: str, src: torch.Tensor, index: torch.Tensor, b: torch.Tensor, offs: torch.Tensor,
-                      tables: dict, **kwargs):
-    """Row GEMM ``op`` of the rows ``src[index]``, gathered by the Gluon kernel, which also returns them (last)."""
-    from lightning_moe.moe import gluon_grouped  # noqa: PLC0415
-
-    cfg = {**gluon_grouped.CONFIGS[op], **gluon_grouped.GATHER_CONFIGS[op]}
-    bm = cfg.get("bm", 128)
-    if bm not in tables:
-        tables[bm] = gluon_grouped.tile_table(offs, index.shape[0], bm)
-    return gluon_grouped.ws_rows_mm(src, b, offs, **cfg, **kwargs, gather=index, keep_gathered=True,
-                                    table=tables[bm])
-
-
-def experts_forward_gathered(tokens: torch.Tensor, index: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor,
-                             w2: torch.Tensor, row_weights: torch.Tensor | None = None,
-                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``experts_forward`` of the rows ``tokens[index]`` (tokens: [T, D], index: [N] int32 token of each routed
-    row) -> (y, h13, h, the gathered rows [N, D], which the weight gradient needs)."""
-    if not gathers_tokens(tokens, w13):
-        x = tokens.index_select(0, index)
-        return (*experts_forward(x, offs, w13, w2, row_weights), x)
-    tables = {}
-    h13, h, x = _gathered_rows_mm("fwd1", tokens, index, w13, offs, tables, epilogue=_SWIGLU,
-                                  row_weights=row_weights)
-    y = rows_mm("fwd2", h, w2, offs, CONFIGS, tables)
-    return y, h13, h, x
-
-
-def experts_backward_gathered(dout: torch.Tensor, index: torch.Tensor, x: torch.Tensor, offs: torch.Tensor,
-                              w13: torch.Tensor, w2: torch.Tensor, h13: torch.Tensor, h: torch.Tensor,
-                              row_weights: torch.Tensor | None = None,
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``experts_backward`` where the routed rows' gradient is that of their tokens, ``dout[index]`` (the layer
-    sums each token's rows): dgrad2 gathers it and stores it for wgrad2."""
-    if not gathers_tokens(dout, w13):
-        return experts_backward(dout.index_select(0, index), x, offs, w13, w2, h13, h, row_weights)
-    tables = {}
-    out = _gathered_rows_mm("dgrad2", dout, index, w2.transpose(1, 2), offs, tables, epilogue=_SWIGLU_BWD, aux=h13,
-                            row_weights=row_weights)
-    (dh13, drw, dy) = out if row_weights is not None else (out[0], None, out[1])
-    dw2 = weight_grad(h, dy, offs, CONFIGS["wgrad2"], w2.dtype)
-    dx = rows_mm("dgrad1", dh13, w13.transpose(1, 2), offs, CONFIGS, tables)
-    dw13 = weight_grad(x, dh13, offs, CONFIGS["wgrad1"], w13.dtype)
     return dx, dw13, dw2, drw
 
 
@@ -599,35 +539,6 @@ def _(dy, x, offs, w13, w2, h13, h, row_weights):
     return torch.empty_like(x), torch.empty_like(w13), torch.empty_like(w2), drw
 
 
-@torch.library.custom_op("lightning_moe::triton_experts_fwd_gathered", mutates_args=())
-def _experts_fwd_gathered_op(tokens: torch.Tensor, index: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor,
-                             w2: torch.Tensor, row_weights: torch.Tensor | None,
-                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return experts_forward_gathered(tokens, index, offs, w13, w2, row_weights)
-
-
-@_experts_fwd_gathered_op.register_fake
-def _(tokens, index, offs, w13, w2, row_weights):
-    n, hidden = index.shape[0], w2.shape[1]
-    return (tokens.new_empty(n, w2.shape[2]), tokens.new_empty(n, 2 * hidden), tokens.new_empty(n, hidden),
-            tokens.new_empty(n, tokens.shape[1]))
-
-
-@torch.library.custom_op("lightning_moe::triton_experts_bwd_gathered", mutates_args=())
-def _experts_bwd_gathered_op(dout: torch.Tensor, index: torch.Tensor, x: torch.Tensor, offs: torch.Tensor,
-                             w13: torch.Tensor, w2: torch.Tensor, h13: torch.Tensor, h: torch.Tensor,
-                             row_weights: torch.Tensor | None,
-                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, dw13, dw2, drw = experts_backward_gathered(dout, index, x, offs, w13, w2, h13, h, row_weights)
-    return dx, dw13, dw2, x.new_empty(0, dtype=torch.float32) if drw is None else drw
-
-
-@_experts_bwd_gathered_op.register_fake
-def _(dout, index, x, offs, w13, w2, h13, h, row_weights):
-    drw = x.new_empty(0 if row_weights is None else x.shape[0], dtype=torch.float32)
-    return torch.empty_like(x), torch.empty_like(w13), torch.empty_like(w2), drw
-
-
 class _TritonExperts(torch.autograd.Function):
     """Returns only y, so autograd never materialises zero gradients for the saved h13 and h."""
 
@@ -643,46 +554,6 @@ class _TritonExperts(torch.autograd.Function):
         x, offs, w13, w2, h13, h, row_weights = ctx.saved_tensors
         dx, dw13, dw2, drw = _experts_bwd_op(dy, x, offs, w13, w2, h13, h, row_weights)
         return dx, None, dw13, dw2, None if row_weights is None else drw
-
-
-class _TritonExpertsGathered(torch.autograd.Function):
-    """Tokens in, tokens out: out[t] = the sum of ``_TritonExperts`` over token t's routed rows, the routed rows
-    being ``tokens[index]`` (``inverse``: the routed row of each of the T * K slots, dropless). Forward, fwd1
-    gathers the rows; backward, dgrad2 gathers the rows' gradient (their tokens' gradient), and the tokens'
-    gradient sums each token's rows' gradients."""
-
-    @staticmethod
-    def forward(ctx, tokens: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, offs: torch.Tensor,
-                w13: torch.Tensor, w2: torch.Tensor, row_weights: torch.Tensor | None) -> torch.Tensor:
-        from lightning_moe.moe.permute import sum_slots  # noqa: PLC0415
-
-        y, h13, h, x = _experts_fwd_gathered_op(tokens, index, offs, w13, w2, row_weights)
-        ctx.save_for_backward(index, x, inverse, offs, w13, w2, h13, h, row_weights)
-        ctx.num_tokens = tokens.shape[0]
-        return sum_slots(y, inverse, tokens.shape[0])
-
-    @staticmethod
-    def backward(ctx, dout: torch.Tensor):
-        from lightning_moe.moe.permute import sum_slots  # noqa: PLC0415
-
-        index, x, inverse, offs, w13, w2, h13, h, row_weights = ctx.saved_tensors
-        dx, dw13, dw2, drw = _experts_bwd_gathered_op(dout.contiguous(), index, x, offs, w13, w2, h13, h,
-                                                      row_weights)
-        dtokens = sum_slots(dx, inverse, ctx.num_tokens)
-        return dtokens, None, None, None, dw13, dw2, None if row_weights is None else drw
-
-
-def triton_experts_gathered(tokens: torch.Tensor, counts: torch.Tensor, token_index: torch.Tensor,
-                            inverse: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                            row_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Tokens [T, D] -> [T, D]: ``triton_experts`` of the routed rows ``tokens[token_index]``, each token's rows
-    summed (dropless: ``inverse`` is the routed row of each of the T * K slots). Where ``gathers_tokens`` says so
-    the row GEMMs gather the rows (fwd1) and their gradient (dgrad2) themselves: no copies into expert order."""
-    offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
-    if row_weights is not None:
-        row_weights = row_weights.float()
-    return _TritonExpertsGathered.apply(tokens, token_index.to(torch.int32), inverse, offs, w13.to(tokens.dtype),
-                                        w2.to(tokens.dtype), row_weights)
 
 
 def triton_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,

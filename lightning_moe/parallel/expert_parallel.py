@@ -277,8 +277,6 @@ class ExpertParallel(RoutedExperts):
 
     # The gate weights stay with the MoE layer's combine: they would have to travel with the dispatched rows.
     takes_row_weights = False
-    # The dispatch sends routed rows: the layer gathers them from the tokens first.
-    takes_token_index = False
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: [N, D] rows sorted by global expert; counts: [E] int64 rows per global expert -> [N, D], same order."""

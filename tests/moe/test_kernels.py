@@ -143,16 +143,3 @@ def test_row_weights_scale_each_rows_output(seed, kernel):
     grads = torch.autograd.grad(out, (x, w13, w2, rw), g)
     for a, b in zip(grads, torch.autograd.grad(ref, (x, w13, w2, rw), g), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
-
-def test_only_gathering_kernels_take_token_indices():
-    """The layer hands tokens with their routed rows' indices only to experts that gather them (the triton kernel,
-    single process); others refuse them with a clear error rather than treating the tokens as routed rows."""
-    from lightning_moe.moe.experts import RoutedExperts
-    from lightning_moe.parallel.expert_parallel import ExpertParallel
-
-    experts = RoutedExperts(4, 16, 8, kernel="grouped_mm")
-    assert not experts.takes_token_index and not ExpertParallel.takes_token_index
-    tokens, counts = torch.randn(6, 16), torch.tensor([3, 3, 3, 3])
-    with pytest.raises(ValueError, match="takes routed rows, not tokens"):
-        experts(tokens, counts, token_index=torch.arange(12) // 2, inverse=torch.arange(12))

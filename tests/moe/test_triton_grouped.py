@@ -73,40 +73,6 @@ def test_triton_kernels_match_loop_in_interpreter(seed):
         assert max(errs) < 1e-5, line
 
 
-# Tokens in, tokens out (``triton_experts_gathered``) against the loop kernel on the copied rows, summed per token.
-_GATHERED_SCRIPT = r"""
-import sys
-import torch
-from lightning_moe.moe import triton_grouped as tg
-from lightning_moe.moe.kernels import loop_experts
-from lightning_moe.moe.permute import inverse_order, permute, sum_slots
-
-torch.manual_seed(int(sys.argv[1]))
-T, K, E, D, H = 11, 3, 4, 32, 24
-tg.CONFIGS.update({name: tg.TileConfig(16, 16, 16, 4, 2, False) for name in tg.CONFIGS})
-perm = permute(torch.rand(T, E).topk(K, dim=1).indices, E)
-inverse = inverse_order(perm)
-tokens = torch.randn(T, D, requires_grad=True)
-w13 = (torch.randn(E, D, 2 * H) * D ** -0.5).requires_grad_()
-w2 = (torch.randn(E, H, D) * H ** -0.5).requires_grad_()
-rw = torch.rand(T * K, requires_grad=True)
-inputs, dy = (tokens, w13, w2, rw), torch.randn(T, D)
-out = tg.triton_experts_gathered(tokens, perm.counts, perm.token_index, inverse, w13, w2, rw)
-grads = torch.autograd.grad(out, inputs, dy)
-ref = sum_slots(loop_experts(tokens[perm.token_index], perm.counts, w13, w2, rw), inverse, T)
-ref_grads = torch.autograd.grad(ref, inputs, dy)
-print(*[((a - b).norm() / b.norm()).item() for a, b in zip((out, *grads), (ref, *ref_grads))])
-"""
-
-
-@needs_triton
-def test_gathered_experts_match_loop_in_interpreter(seed):
-    """Off Hopper (here: the interpreter) the op copies the rows itself; outputs and the gradients of the tokens,
-    weights and gate weights match the loop kernel on the copied rows, summed per token."""
-    (line,) = run_interpreted(_GATHERED_SCRIPT, str(seed))
-    errs = [float(v) for v in line.split()]
-    assert len(errs) == 5 and max(errs) < 1e-5, line
-
 def _gpu_inputs(num_experts, dim, hidden, tokens, dtype=torch.bfloat16):
     counts = torch.multinomial(torch.ones(num_experts), tokens, replacement=True).bincount(minlength=num_experts)
     counts[1] += counts[2]  # an expert with no rows
@@ -221,49 +187,6 @@ def test_gpu_moe_layer_with_triton_matches_loop(seed):
         results[name] = (out, *grads)
     for a, b in zip(results["triton"], results["loop"]):
         assert _rel(a, b) < 2e-2
-
-
-@cuda
-@needs_triton
-@pytest.mark.parametrize("compiled", [False, True])
-def test_gpu_layer_gathering_in_the_gemm_matches_the_copy(seed, monkeypatch, compiled):
-    """Tokens in, tokens out: the triton kernel gathering the tokens' rows inside fwd1 and their gradient inside
-    dgrad2 (``GATHER="auto"``, on Hopper) gives bit for bit what it gives when the op copies them (``"off"``), and
-    what the layer gives when it copies the tokens into expert order and combines them itself ("copied",
-    ``takes_token_index`` off; Inductor may order the sums of the tokens' gradient differently there)."""
-    from lightning_moe.models.config import ModelConfig
-    from lightning_moe.moe import triton_grouped as tg
-    from lightning_moe.moe.layer import MoE
-
-    cfg = ModelConfig(dim=256, num_experts=8, top_k=3, moe_ffn_dim=128, num_shared_experts=0, n_layers=2, n_heads=2,
-                      max_seq_len=512)
-    cfg.expert_kernel = "triton"
-    layer = MoE(cfg).cuda().bfloat16()
-    assert layer.experts.takes_token_index
-    x = torch.randn(2, 300, 256, device="cuda", dtype=torch.bfloat16)
-    g = torch.randn_like(x)
-    results = {}
-    for mode in ("copied", "off", "auto"):
-        monkeypatch.setattr(tg, "GATHER", "auto" if mode == "copied" else mode)
-        monkeypatch.setattr(layer.experts, "takes_token_index", mode != "copied")
-        torch._dynamo.reset()
-        fn = torch.compile(layer) if compiled else layer
-        xi = x.clone().requires_grad_()
-        out = fn(xi)
-        results[mode] = (out, *torch.autograd.grad(out, (xi, *layer.parameters()), g))
-    assert tg.gathers_tokens(x.view(-1, 256), layer.experts.w13) == tg._hopper(x.device)
-    for a, b, c in zip(results["auto"], results["off"], results["copied"], strict=True):
-        assert torch.equal(a, b), _rel(a, b)
-        assert _rel(a, c) < 1e-3, _rel(a, c)
-
-
-@needs_triton
-def test_gather_setting_is_checked(monkeypatch):
-    from lightning_moe.moe import triton_grouped as tg
-
-    monkeypatch.setattr(tg, "GATHER", "on")
-    with pytest.raises(ValueError, match="GATHER='on'"):
-        tg.gathers_tokens(torch.zeros(4, 8), torch.zeros(2, 8, 8))
 
 
 def test_triton_missing_is_a_clear_error():
