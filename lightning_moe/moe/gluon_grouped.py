@@ -14,6 +14,8 @@ SwiGLU and SwiGLU-backward epilogues), with the schedules of CUTLASS's Hopper ke
     tiles handed to it through shared memory, and the consumers only multiply.
 
 With ``merge`` (SwiGLU, what ``CONFIGS`` uses) each k-step's gate and up columns share one stage and one MMA.
+With ``gather`` A's rows are gathered from another matrix by ``cp.async`` (four producer warps; slower than a
+separate copy on an H200, docs/moe_layer_benchmark.md, so the layer does not use it).
 The epilogue rounds the accumulator to 16 bits into shared memory and reads it back in row slices, so that the SwiGLU
 arithmetic holds few values per thread. Rows of a tile that belong to the next expert are computed but never stored
 (masked stores).
