@@ -101,13 +101,31 @@ def _now(dep):
 
 
 @gluon.jit
+def _load_b(b_desc, b_bufs, u_bufs, bar, s, e, k0, n0, K, HALF, N_ROWS, EPILOGUE: gl.constexpr,
+            B_KMAJOR: gl.constexpr, MERGE: gl.constexpr):
+    """TMA loads of expert e's B tile for k-step k0 into stage s (``MERGE``: gate and up columns side by side; the
+    SwiGLU without it: the up columns into ``u_bufs``), completing on ``bar``."""
+    BN: gl.constexpr = b_desc.block_type.shape[0] if B_KMAJOR else b_desc.block_type.shape[1]
+    if MERGE:
+        b_stage = b_bufs.index(s)
+        tma.async_copy_global_to_shared(b_desc, [e * K + k0, n0], bar, b_stage.slice(0, BN, dim=1))
+        tma.async_copy_global_to_shared(b_desc, [e * K + k0, HALF + n0], bar, b_stage.slice(BN, BN, dim=1))
+    elif B_KMAJOR:
+        tma.async_copy_global_to_shared(b_desc, [e * N_ROWS + n0, k0], bar, b_bufs.index(s))
+    else:
+        tma.async_copy_global_to_shared(b_desc, [e * K + k0, n0], bar, b_bufs.index(s))
+    if EPILOGUE == 1 and not MERGE:
+        tma.async_copy_global_to_shared(b_desc, [e * K + k0, HALF + n0], bar, u_bufs.index(s))
+
+
+@gluon.jit
 def _producer(a_desc, b_desc, o_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_ptr, MAX_T, NB_N, K, HALF, N_ROWS,
               EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, MERGE: gl.constexpr, x_ptr, idx_ptr, M_ROWS, s_xm,
               GATHER: gl.constexpr, LAG: gl.constexpr, SIDE: gl.constexpr):
     """The producer partition: ``_producer_gather`` where A's rows are gathered, else ``_producer_tma``."""
     if GATHER:
-        _producer_gather(x_ptr, idx_ptr, o_desc, b_desc, a_bufs, b_bufs, ready, empty, table_ptr, MAX_T, NB_N, K,
-                         HALF, N_ROWS, M_ROWS, s_xm, EPILOGUE, B_KMAJOR, MERGE, LAG, SIDE, 4)
+        _producer_gather(x_ptr, idx_ptr, o_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_ptr, MAX_T,
+                         NB_N, K, HALF, N_ROWS, M_ROWS, s_xm, EPILOGUE, B_KMAJOR, MERGE, LAG, SIDE, 4)
     else:
         _producer_tma(a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_ptr, MAX_T, NB_N, K, HALF, N_ROWS,
                       EPILOGUE, B_KMAJOR, MERGE)
@@ -145,16 +163,7 @@ def _producer_tma(a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_pt
             mbarrier.expect(bar, nbytes)
             k0 = kk * BK
             tma.async_copy_global_to_shared(a_desc, [row0, k0], bar, a_bufs.index(s))
-            if MERGE:
-                b_stage = b_bufs.index(s)
-                tma.async_copy_global_to_shared(b_desc, [e * K + k0, n0], bar, b_stage.slice(0, BN, dim=1))
-                tma.async_copy_global_to_shared(b_desc, [e * K + k0, HALF + n0], bar, b_stage.slice(BN, BN, dim=1))
-            elif B_KMAJOR:
-                tma.async_copy_global_to_shared(b_desc, [e * N_ROWS + n0, k0], bar, b_bufs.index(s))
-            else:
-                tma.async_copy_global_to_shared(b_desc, [e * K + k0, n0], bar, b_bufs.index(s))
-            if EPILOGUE == 1 and not MERGE:
-                tma.async_copy_global_to_shared(b_desc, [e * K + k0, HALF + n0], bar, u_bufs.index(s))
+            _load_b(b_desc, b_bufs, u_bufs, bar, s, e, k0, n0, K, HALF, N_ROWS, EPILOGUE, B_KMAJOR, MERGE)
             g += 1
 
 
@@ -178,8 +187,8 @@ def _gather_release(o_desc, a_bufs, ready, q, row_q, k_q, store_q, LAG: gl.const
 
 
 @gluon.jit
-def _producer_gather(x_ptr, idx_ptr, o_desc, b_desc, a_bufs, b_bufs, ready, empty, table_ptr, MAX_T, NB_N, K, HALF,
-                     N_ROWS, M_ROWS, s_xm, EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, MERGE: gl.constexpr,
+def _producer_gather(x_ptr, idx_ptr, o_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_ptr, MAX_T, NB_N,
+                     K, HALF, N_ROWS, M_ROWS, s_xm, EPILOGUE: gl.constexpr, B_KMAJOR: gl.constexpr, MERGE: gl.constexpr,
                      LAG: gl.constexpr, SIDE: gl.constexpr, num_warps: gl.constexpr):
     """``_producer`` whose A rows are gathered: routed row r of the tile is row ``idx[r]`` of ``x`` ([T, K], row
     stride s_xm), copied by ``cp.async`` (Hopper's TMA has no gather) by this partition's ``num_warps`` warps, 16
@@ -230,14 +239,7 @@ def _producer_gather(x_ptr, idx_ptr, o_desc, b_desc, a_bufs, b_bufs, ready, empt
             bar = ready.index(s)
             mbarrier.expect(bar, nbytes)
             k0 = kk * BK
-            if MERGE:
-                b_stage = b_bufs.index(s)
-                tma.async_copy_global_to_shared(b_desc, [e * K + k0, n0], bar, b_stage.slice(0, BN, dim=1))
-                tma.async_copy_global_to_shared(b_desc, [e * K + k0, HALF + n0], bar, b_stage.slice(BN, BN, dim=1))
-            elif B_KMAJOR:
-                tma.async_copy_global_to_shared(b_desc, [e * N_ROWS + n0, k0], bar, b_bufs.index(s))
-            else:
-                tma.async_copy_global_to_shared(b_desc, [e * K + k0, n0], bar, b_bufs.index(s))
+            _load_b(b_desc, b_bufs, u_bufs, bar, s, e, k0, n0, K, HALF, N_ROWS, EPILOGUE, B_KMAJOR, MERGE)
             kc = k0 + kcols
             async_copy.async_copy_global_to_shared(a_bufs.index(s), src + kc[None, :],
                                                    mask=row_ok[:, None] & (kc < K8)[None, :])

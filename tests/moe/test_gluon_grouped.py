@@ -211,12 +211,14 @@ _GATHER_TILES = {
                  consumer_regs=232, producer_regs=40),
     "dgrad2": dict(epilogue=2, b_kmajor=True, has_rw=True, coop=True, sub=8, bn=128, stages=4, epi_warps=4,
                    consumer_regs=160, epi_regs=136, producer_regs=56, aux_stages=5),
+    # the SwiGLU's up columns in a stage of their own (not merged): two B loads per k-step
+    "fwd1_split": dict(epilogue=1, has_rw=True, coop=True, sub=8, bn=128, stages=4),
 }
 
 
 @needs_gluon
 @pytest.mark.parametrize("op,lag,side", [("fwd1", 1, False), ("fwd1", 1, True), ("dgrad2", 2, True),
-                                         ("dgrad2", 1, False)])
+                                         ("dgrad2", 1, False), ("fwd1_split", 2, True)])
 def test_gathered_rows_compile_to_copies_without_spills(op, lag, side):
     """gather: four producer warps copy A's rows by ``cp.async``, and with the side store the
     gathered tile goes out by TMA; no spills at the register shares the layer uses."""
