@@ -212,7 +212,7 @@ _GATHER_TILES = {
     "dgrad2": dict(epilogue=2, b_kmajor=True, has_rw=True, coop=True, sub=8, bn=128, stages=4, epi_warps=4,
                    consumer_regs=160, epi_regs=136, producer_regs=56, aux_stages=5),
     # the SwiGLU's up columns in a stage of their own (not merged): two B loads per k-step
-    "fwd1_split": dict(epilogue=1, has_rw=True, coop=True, sub=8, bn=128, stages=4),
+    "fwd1_split": dict(epilogue=1, has_rw=True, coop=True, sub=8, bn=128, stages=4, producer_regs=40),
 }
 
 
