@@ -981,6 +981,8 @@ def ws_rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, bm: int 
                              f"{gather.dtype} {tuple(gather.shape)}")
         if lag not in (1, 2) or stages < lag + 2:
             raise ValueError(f"gather: lag={lag} must be 1 or 2 with stages >= lag + 2 (stages={stages})")
+        if a.data_ptr() % 16:
+            raise ValueError("gather copies 16-byte pieces of a's rows: a must start 16-byte aligned")
         gather = gather.to(torch.int32).contiguous()
         m = gather.numel()
     elif keep_gathered:

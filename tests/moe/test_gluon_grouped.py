@@ -261,6 +261,8 @@ def test_gather_rejects_what_it_cannot_serve():
         gg.ws_rows_mm(a, b, offs, gather=idx.float())
     with pytest.raises(ValueError, match="pass gather"):
         gg.ws_rows_mm(a, b, offs, keep_gathered=True)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        gg.ws_rows_mm(torch.zeros(8 * 64 + 1, dtype=torch.bfloat16)[1:].view(8, 64), b, offs, gather=idx)
 
 
 @hopper
