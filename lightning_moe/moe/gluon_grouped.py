@@ -101,6 +101,18 @@ def _now(dep):
 
 
 @gluon.jit
+def _acquire_stage(empty, ready, g, nbytes: gl.constexpr):
+    """Ring step g's stage, once the consumers have freed it, with its ``ready`` barrier expecting ``nbytes`` of
+    TMA loads: (stage index, barrier)."""
+    S: gl.constexpr = empty.type.shape[0]
+    s = g % S
+    mbarrier.wait(empty.index(s), ((g // S) & 1) ^ 1)
+    bar = ready.index(s)
+    mbarrier.expect(bar, nbytes)
+    return s, bar
+
+
+@gluon.jit
 def _load_b(b_desc, b_bufs, u_bufs, bar, s, e, k0, n0, K, HALF, N_ROWS, EPILOGUE: gl.constexpr,
             B_KMAJOR: gl.constexpr, MERGE: gl.constexpr):
     """TMA loads of expert e's B tile for k-step k0 into stage s (``MERGE``: gate and up columns side by side; the
@@ -138,7 +150,6 @@ def _producer_tma(a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_pt
     the gate and up columns of a k-step go side by side into one stage, [BK, 2 * BN]."""
     BK: gl.constexpr = a_desc.block_type.shape[1]
     BN: gl.constexpr = b_desc.block_type.shape[0] if B_KMAJOR else b_desc.block_type.shape[1]
-    S: gl.constexpr = a_bufs.type.shape[0]
     nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes * (2 if EPILOGUE == 1 else 1)
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
@@ -157,10 +168,7 @@ def _producer_tma(a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, table_pt
         e_next = gl.load(table_ptr + rt)
         row0_next = gl.load(table_ptr + MAX_T + rt)
         for kk in range(ksteps):
-            s = g % S
-            mbarrier.wait(empty.index(s), ((g // S) & 1) ^ 1)
-            bar = ready.index(s)
-            mbarrier.expect(bar, nbytes)
+            s, bar = _acquire_stage(empty, ready, g, nbytes)
             k0 = kk * BK
             tma.async_copy_global_to_shared(a_desc, [row0, k0], bar, a_bufs.index(s))
             _load_b(b_desc, b_bufs, u_bufs, bar, s, e, k0, n0, K, HALF, N_ROWS, EPILOGUE, B_KMAJOR, MERGE)
@@ -234,10 +242,7 @@ def _producer_gather(x_ptr, idx_ptr, o_desc, b_desc, a_bufs, b_bufs, u_bufs, rea
         src = x_ptr + tok.to(gl.int64)[:, None] * s_xm
         store = (w % NB_N) == 0
         for kk in range(ksteps):
-            s = g % S
-            mbarrier.wait(empty.index(s), ((g // S) & 1) ^ 1)
-            bar = ready.index(s)
-            mbarrier.expect(bar, nbytes)
+            s, bar = _acquire_stage(empty, ready, g, nbytes)
             k0 = kk * BK
             _load_b(b_desc, b_bufs, u_bufs, bar, s, e, k0, n0, K, HALF, N_ROWS, EPILOGUE, B_KMAJOR, MERGE)
             kc = k0 + kcols
