@@ -174,7 +174,8 @@ def layer_variants(name, layer, xl, run_compiled, record, args, device, paired=N
     - ``fp32 router``: the router GEMM on upcast fp32 copies of the tokens and weights (the form before
       ``router._RouterLogits``), with ``float32_matmul_precision`` as set (TF32 with ``high``).
     - ``CUDA graphs``: ``mode="reduce-overhead"`` (no launch gaps); the layer has no host synchronisation.
-    - ``Triton weight gradients`` (``triton`` only): ``triton_grouped.WGRAD="triton"`` instead of ``grouped_mm``.
+    - ``Triton weight gradients`` / ``grouped_mm weight gradients`` (``triton`` only): ``triton_grouped.WGRAD=
+      "triton"`` / ``"grouped_mm"`` instead of what "auto" takes (the Gluon kernel on Hopper).
     - ``one program per tile`` (``triton`` only, when a row GEMM's configuration is persistent): every row GEMM
       launched one program per output tile instead.
     - ``Triton row GEMMs`` (``triton`` only): ``triton_grouped.ROWS="triton"`` instead of the warp-specialised Gluon
@@ -234,12 +235,14 @@ def layer_variants(name, layer, xl, run_compiled, record, args, device, paired=N
     if name == "triton":
         from lightning_moe.moe import triton_grouped
 
-        # Backends of the triton kernel switched back to the Triton kernels: variant -> (setting, row label).
-        backends = {"triton_wgrad": ("WGRAD", "Triton weight gradients"), "triton_rows": ("ROWS", "Triton row GEMMs")}
-        for key, (setting, label) in backends.items():
+        # Backends of the triton kernel switched back to earlier ones: variant -> (setting, value, row label).
+        backends = {"triton_wgrad": ("WGRAD", "triton", "Triton weight gradients"),
+                    "grouped_mm_wgrad": ("WGRAD", "grouped_mm", "grouped_mm weight gradients"),
+                    "triton_rows": ("ROWS", "triton", "Triton row GEMMs")}
+        for key, (setting, value, label) in backends.items():
             if key in wanted:
-                with mock.patch.object(triton_grouped, setting, "triton"):
-                    timed(label, f"previous form: triton_grouped.{setting}=triton", fresh())
+                with mock.patch.object(triton_grouped, setting, value):
+                    timed(label, f"previous form: triton_grouped.{setting}={value}", fresh())
         configs = dict(triton_grouped.CONFIGS)
         if "per_tile" in wanted and any(c.persistent for c in configs.values()):
             triton_grouped.CONFIGS.update({k: dataclasses.replace(c, persistent=False) for k, c in configs.items()})

@@ -23,6 +23,7 @@ same kernels run on masked pointer loads. Importing this module needs ``triton``
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from dataclasses import dataclass
 
@@ -400,25 +401,40 @@ def grouped_wgrad(a: torch.Tensor, g: torch.Tensor, offs: torch.Tensor, cfg: Til
     return c
 
 
-# Weight gradients: "grouped_mm" (torch's CUTLASS grouped GEMM) or "triton" (``_wgrad_kernel``); "auto" takes
-# grouped_mm where it runs (sm_90+), which measured 1.66 against 1.85 ms on the first weight gradient of the
-# benchmark layer on an H100 (equal on the second); the row GEMMs stay in Triton for their fused SwiGLU epilogues.
+# Weight gradients: "gluon" (``gluon_wgrad.wgrad``: warp-specialised, Hopper only), "grouped_mm" (torch's CUTLASS
+# grouped GEMM) or "triton" (``_wgrad_kernel``). "auto" takes gluon on sm_90 where it serves the operands, else
+# grouped_mm where it runs (sm_90+), else triton. grouped_mm measured 1.66 against Triton's 1.85 ms on the first
+# weight gradient of the benchmark layer on an H100 (equal on the second); gluon against grouped_mm on an H200:
+# docs/moe_layer_benchmark.md.
 WGRAD = "auto"
 
 
-def _wgrad_backend(device: torch.device) -> str:
-    if WGRAD not in ("auto", "grouped_mm", "triton"):
-        raise ValueError(f"triton_grouped.WGRAD={WGRAD!r}: must be 'auto', 'grouped_mm' or 'triton'")
+def _wgrad_backend(a: torch.Tensor, g: torch.Tensor) -> str:
+    if WGRAD not in ("auto", "gluon", "grouped_mm", "triton"):
+        raise ValueError(f"triton_grouped.WGRAD={WGRAD!r}: must be 'auto', 'gluon', 'grouped_mm' or 'triton'")
     if WGRAD != "auto":
         return WGRAD
-    ok = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    if _hopper(a.device) and _gluon_importable("gluon_wgrad"):
+        from lightning_moe.moe import gluon_wgrad  # noqa: PLC0415
+
+        if gluon_wgrad.supported(a, g):
+            return "gluon"
+    ok = a.device.type == "cuda" and torch.cuda.get_device_capability(a.device)[0] >= 9
     return "grouped_mm" if ok and hasattr(torch.nn.functional, "grouped_mm") else "triton"
 
 
 def weight_grad(a: torch.Tensor, g: torch.Tensor, offs: torch.Tensor, cfg: TileConfig, out_dtype: torch.dtype,
                 ) -> torch.Tensor:
     """dw[e] = a[rows of e]^T @ g[rows of e]: [E, a.shape[1], g.shape[1]] (zero for an expert with no rows)."""
-    if _wgrad_backend(a.device) == "grouped_mm":
+    backend = _wgrad_backend(a, g)
+    if backend == "gluon":
+        if not _hopper(a.device):
+            raise RuntimeError(f"triton_grouped.WGRAD='gluon' needs a Hopper GPU (sm_90), not {a.device}; "
+                               "'auto' falls back to grouped_mm or the Triton kernel")
+        from lightning_moe.moe import gluon_wgrad  # noqa: PLC0415
+
+        return gluon_wgrad.wgrad(a, g, offs).to(out_dtype)
+    if backend == "grouped_mm":
         return torch.nn.functional.grouped_mm(a.t(), g, offs=offs).to(out_dtype)
     return grouped_wgrad(a, g, offs, cfg, out_dtype=out_dtype)
 
@@ -432,9 +448,9 @@ ROWS = "auto"
 
 
 @functools.cache
-def _gluon_importable() -> bool:
+def _gluon_importable(module: str = "gluon_grouped") -> bool:
     try:
-        from lightning_moe.moe import gluon_grouped  # noqa: F401, PLC0415
+        importlib.import_module(f"lightning_moe.moe.{module}")
     except ImportError:
         return False
     return True

@@ -92,7 +92,7 @@ def _rel(a, b):
 @pytest.mark.parametrize("tma,wgrad,persistent,rows", [
     (True, "auto", False, "triton"), (False, "auto", False, "triton"), (True, "triton", False, "triton"),
     (True, "auto", True, "triton"), (False, "auto", True, "triton"), (True, "auto", False, "gluon"),
-    (True, "triton", False, "gluon")])
+    (True, "triton", False, "gluon"), (True, "grouped_mm", False, "gluon")])
 @pytest.mark.parametrize("shape", [(8, 256, 136, 1000), (16, 512, 384, 3000)])
 def test_gpu_triton_matches_loop_in_bf16(seed, monkeypatch, tma, wgrad, persistent, rows, shape):
     import dataclasses
