@@ -2,8 +2,8 @@
 
 The weight gradients of the experts reduce over each expert's rows (a few thousand), so each output tile is short
 work (24 k-steps at the benchmark's 1536 rows per expert) followed by a store of the whole tile. torch's
-``grouped_mm`` (CUTLASS) runs these at 640 TFLOP/s on an H200 where the dense MLP's weight gradients of the same
-FLOPs run at 730 (docs/moe_layer_benchmark.md). This kernel keeps the tensor cores busy through the stores:
+``grouped_mm`` (CUTLASS) runs these at 580-635 TFLOP/s on an H200 where dense GEMMs of the same FLOPs run at 720
+(docs/wgrad_benchmark.md). This kernel keeps the tensor cores busy through the stores:
 
 - one persistent program per SM walks the output tiles (expert x row tile x column tile) in order;
 - a one-warp **producer** partition loads each k-step's A and B tiles (``BK`` rows of both operands) by TMA into a
@@ -178,9 +178,9 @@ def wgrad(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, bm: int = 128
     """a: [N, M], b: [N, K] rows sorted by expert, offs: [E] int32 end rows -> [E, M, K] in a's dtype, expert e's
     slice ``a[rows of e]^T @ b[rows of e]`` (fp32 accumulation; zero for an expert with no rows). Output tiles are
     ``bm`` x ``bn`` (each consumer ``bm / 2`` rows), the reduction runs in steps of ``bk`` rows through ``stages``
-    shared-memory stages. The defaults measured fastest on an H200 (benchmark layer, ms for the first / second
-    weight gradient): 1.718 / 0.866 against 1.748 / 0.883 with ``bk=64, stages=3``, 1.881 / 0.955 with ``bn=128,
-    stages=4`` and torch's ``grouped_mm`` 1.803 / 0.991."""
+    shared-memory stages. The defaults measured fastest on an H200 (benchmarks/wgrad_bench.py, ms for the
+    benchmark layer's first / second weight gradient): 1.695 / 0.853 against 1.726 / 0.871 with ``bk=64,
+    stages=3``, 2.532 / 1.204 with ``bn=128, stages=4`` and torch's ``grouped_mm`` 1.786 / 0.978."""
     if not supported(a.contiguous(), b.contiguous(), bm):
         raise ValueError(f"gluon_wgrad.wgrad needs 16-bit operands of the same dtype and rows, 16-byte rows and "
                          f"a's columns a multiple of bm={bm}: got a {a.dtype} {tuple(a.shape)}, b {b.dtype} "

@@ -14,7 +14,8 @@ Two kernels cover the six GEMMs of a SwiGLU expert's forward and backward:
   also returns their gradient. ``_rows_kernel_persistent`` is the same tile loop with one program per SM
   (``TileConfig.persistent``; slower on the H100, see docs/moe_layer_benchmark.md).
 - ``_wgrad_kernel``: ``dw[e] = a[rows of e]^T @ g[rows of e]``, tiles over (expert, output tile); the weight gradients,
-  reducing over each expert's rows. On sm_90+ the weight gradients use torch's ``grouped_mm`` instead (``WGRAD``).
+  reducing over each expert's rows. On Hopper the weight gradients use the warp-specialised Gluon kernel
+  (``gluon_wgrad.py``), elsewhere on sm_90+ torch's ``grouped_mm`` (``WGRAD``).
 
 On Hopper the operands are read through TMA tensor descriptors; elsewhere (and under ``TRITON_INTERPRET=1``) the
 same kernels run on masked pointer loads. Importing this module needs ``triton``; ``kernels.py`` imports it on use.
