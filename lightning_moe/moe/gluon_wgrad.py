@@ -189,7 +189,7 @@ def wgrad(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, bm: int = 128
     offs = offs.to(torch.int32).contiguous()
     num_experts, m, k = offs.shape[0], a.shape[1], b.shape[1]
     out = a.new_empty(num_experts, m, k)
-    if num_experts == 0 or out.numel() == 0:
+    if num_experts == 0 or out.numel() == 0 or a.shape[0] == 0:
         return out.zero_()
     a_desc, b_desc, o_desc = _descriptors(a, b, out.view(num_experts * m, k), bm, bn, bk)
     nb_m, nb_n = m // bm, triton.cdiv(k, bn)

@@ -81,3 +81,12 @@ def test_gpu_matches_fp32_reference(seed, dtype, programs):
             err = ((got - ref).norm() / ref.norm()).item()
             assert err < 4e-3, (e, err)  # one rounding to 16 bits of an fp32 sum
         start = end
+
+
+@needs_gluon
+def test_no_rows_give_zero_gradients_without_a_launch():
+    from lightning_moe.moe import gluon_wgrad as gw
+
+    a, b = torch.empty(0, 128, dtype=torch.bfloat16), torch.empty(0, 64, dtype=torch.bfloat16)
+    out = gw.wgrad(a, b, torch.zeros(3, dtype=torch.int32))  # on the CPU: any launch would fail
+    assert out.shape == (3, 128, 64) and torch.equal(out, torch.zeros_like(out))

@@ -226,3 +226,21 @@ def test_row_gemm_backend_choice(monkeypatch):
     monkeypatch.setattr(tg, "ROWS", "cutlass")
     with pytest.raises(ValueError, match="must be 'auto', 'triton' or 'gluon'"):
         tg._rows_backend(a, b)
+
+
+@needs_triton
+def test_weight_gradient_backend_choice(monkeypatch):
+    from lightning_moe.moe import triton_grouped as tg
+
+    a, g = torch.randn(4, 128, dtype=torch.bfloat16), torch.randn(4, 8, dtype=torch.bfloat16)
+    offs = torch.tensor([1, 4], dtype=torch.int32)
+    if not torch.cuda.is_available():
+        assert tg._wgrad_backend(a, g) == "triton"  # "auto" off the GPU
+    monkeypatch.setattr(tg, "WGRAD", "gluon")
+    assert tg._wgrad_backend(a, g) == "gluon"
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="needs a Hopper GPU"):
+            tg.weight_grad(a, g, offs, tg.CONFIGS["wgrad1"], a.dtype)
+    monkeypatch.setattr(tg, "WGRAD", "cutlass")
+    with pytest.raises(ValueError, match="must be 'auto', 'gluon', 'grouped_mm' or 'triton'"):
+        tg._wgrad_backend(a, g)
