@@ -8,24 +8,13 @@ test_triton_grouped.py checks against the loop kernel).
 
 from __future__ import annotations
 
-import importlib.util
 import tempfile
 
 import pytest
 import torch
 
+from tests.helpers.gluon import hopper, needs_gluon
 from tests.helpers.triton_interpreter import run_interpreted
-
-
-def _has_gluon() -> bool:
-    if importlib.util.find_spec("triton") is None:
-        return False
-    return importlib.util.find_spec("triton.experimental.gluon") is not None
-
-
-needs_gluon = pytest.mark.skipif(not _has_gluon(), reason="needs triton >= 3.6 (Gluon)")
-hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9),
-                            reason="needs a Hopper GPU")
 
 _TABLE_SCRIPT = r"""
 import sys
