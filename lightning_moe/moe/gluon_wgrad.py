@@ -181,11 +181,11 @@ def wgrad(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, bm: int = 128
     shared-memory stages. The defaults measured fastest on an H200 (benchmarks/wgrad_bench.py, ms for the
     benchmark layer's first / second weight gradient): 1.695 / 0.853 against 1.726 / 0.871 with ``bk=64,
     stages=3``, 2.532 / 1.204 with ``bn=128, stages=4`` and torch's ``grouped_mm`` 1.786 / 0.978."""
-    if not supported(a.contiguous(), b.contiguous(), bm):
+    a, b = a.contiguous(), b.contiguous()
+    if not supported(a, b, bm):
         raise ValueError(f"gluon_wgrad.wgrad needs 16-bit operands of the same dtype and rows, 16-byte rows and "
                          f"a's columns a multiple of bm={bm}: got a {a.dtype} {tuple(a.shape)}, b {b.dtype} "
                          f"{tuple(b.shape)}")
-    a, b = a.contiguous(), b.contiguous()
     offs = offs.to(torch.int32).contiguous()
     num_experts, m, k = offs.shape[0], a.shape[1], b.shape[1]
     out = a.new_empty(num_experts, m, k)
